@@ -1,0 +1,43 @@
+"""KFC block of a `keras.layers.Conv2D` layer, channels_last (Grosse & Martens 2016).
+
+ā is the input patch feeding one output location, flattened in the kernel's (kh, kw, c_in)
+order (with a 1 appended for the bias); A = mean over examples and output locations of ā āᵀ,
+G = mean over examples of the sum over output locations of g gᵀ.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+from keras import ops
+
+from keras_kfac.blocks.base import KroneckerBlock
+
+
+class Conv2DBlock(KroneckerBlock):
+    kind = "Conv2DBlock"
+
+    def __init__(self, layer):
+        super().__init__(layer)
+        kh, kw = layer.kernel_size
+        sh, sw = layer.strides
+        dh, dw = layer.dilation_rate
+        self._sizes = [1, kh, kw, 1]
+        self._strides = [1, sh, sw, 1]
+        self._rates = [1, dh, dw, 1]
+        self._padding = layer.padding.upper()
+
+    def preactivation(self, inputs):
+        pre = self.layer.convolution_op(inputs, self.layer.kernel)
+        if self.bias is not None:
+            pre = ops.add(pre, ops.reshape(self.layer.bias, (1, 1, 1, self.out_features)))
+        return pre
+
+    def input_rows(self, inputs):
+        patches = tf.image.extract_patches(
+            inputs,
+            sizes=self._sizes,
+            strides=self._strides,
+            rates=self._rates,
+            padding=self._padding,
+        )
+        return tf.reshape(patches, (-1, self.in_features))

@@ -1,0 +1,270 @@
+"""Keras models whose `train_step` collects what K-FAC needs.
+
+`Model`, `Sequential` and `wrap(model)` change `train_step` only, and only when the compiled
+optimizer is `keras_kfac.KFAC`; with any other optimizer they train exactly as `keras.Model`.
+
+A K-FAC step is split into four pieces so that the eigendecompositions can stay outside XLA
+on CPU while the rest is compiled:
+
+1. forward and backward pass, with the statistics gradients (XLA when the model's
+   `jit_compile` is on, as Keras would compile its own step);
+2. factor statistics (XLA);
+3. eigendecompositions every `inverse_every` steps (XLA on GPU/TPU, plain on CPU);
+4. preconditioning and the weight update (XLA).
+
+Keras' own step function around them is therefore built without `jit_compile`.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.models.functional import Functional
+from keras.src.models.model import functional_init_arguments
+from keras.src.saving import serialization_lib
+
+from keras_kfac import fisher as fisher_lib
+from keras_kfac.blocks import block_for_layer
+from keras_kfac.capture import capture
+from keras_kfac.optimizer import KFAC
+
+__all__ = ["Model", "Sequential", "wrap", "discover_blocks"]
+
+
+def discover_blocks(model) -> tuple[list, list]:
+    """Returns (blocks, others): a block for every supported layer, and (layer, reason) for
+    every other layer that owns trainable weights (those go to the fallback optimizer)."""
+    blocks, others = [], []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if layer._layers:  # a container: its sublayers are visited on their own
+            continue
+        block, reason = block_for_layer(layer)
+        if block is not None:
+            blocks.append(block)
+        elif layer._trainable_variables and layer.trainable:
+            others.append((layer, reason))
+    return blocks, others
+
+
+def _kfac_optimizer(optimizer):
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if isinstance(inner, KFAC) else None
+
+
+class KFACTrainStep:
+    """Mixin holding the K-FAC `train_step`; put it before `keras.Model` in the bases."""
+
+    def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, **kwargs):
+        super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, **kwargs)
+        self._kfac_loss = (loss, loss_weights)
+        self._kfac_specs = None
+        self._kfac_forward_fn = None
+        kfac = _kfac_optimizer(self.optimizer)
+        if kfac is not None:
+            kfac.attach_model(self)
+
+    def compile_from_config(self, config):
+        # Keras skips compile_from_config for models that override compile(); this is the
+        # same recipe as keras.Model's.
+        config = serialization_lib.deserialize_keras_object(config)
+        self.compile(**config)
+        if getattr(self, "optimizer", None) is not None and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def make_train_function(self, force=False):
+        if _kfac_optimizer(getattr(self, "optimizer", None)) is None or self.run_eagerly:
+            return super().make_train_function(force)
+        self._kfac_forward_jit = bool(self.jit_compile)
+        saved = self._jit_compile
+        self._jit_compile = False
+        try:
+            return super().make_train_function(force)
+        finally:
+            self._jit_compile = saved
+
+    def kfac_summary(self, print_fn=print) -> str:
+        """Prints (and returns) which layer got which block, its factor shapes and memory."""
+        blocks, others = discover_blocks(self)
+        rows = [("layer", "block", "A", "G", "factor MiB", "eig MiB", "weights MiB")]
+        total_factors = total_eig = total_weights = 0
+        for b in blocks:
+            factors = 4 * (b.dim_a**2 + b.dim_g**2)
+            eig = 4 * (b.dim_a**2 + b.dim_a + b.dim_g**2 + b.dim_g)
+            weights = 4 * b.dim_a * b.dim_g
+            total_factors, total_eig, total_weights = total_factors + factors, total_eig + eig, total_weights + weights
+            rows.append(
+                (
+                    b.name,
+                    b.kind,
+                    f"{b.dim_a}x{b.dim_a}",
+                    f"{b.dim_g}x{b.dim_g}",
+                    f"{factors / 2**20:.3f}",
+                    f"{eig / 2**20:.3f}",
+                    f"{weights / 2**20:.3f}",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                f"{len(blocks)} blocks",
+                "",
+                "",
+                f"{total_factors / 2**20:.3f}",
+                f"{total_eig / 2**20:.3f}",
+                f"{total_weights / 2**20:.3f}",
+            )
+        )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+        if others:
+            lines.append("Updated by the fallback optimizer (no K-FAC block):")
+            for layer, reason in others:
+                count = sum(int(v.numpy().size) for v in layer._trainable_variables)
+                lines.append(f"  {layer.name} ({type(layer).__name__}, {count} parameters): {reason}")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    # ------------------------------------------------------------------ the train step
+    def _kfac_loss_specs(self, count: int):
+        if self._kfac_specs is None:
+            loss, loss_weights = self._kfac_loss
+            names = list(getattr(self, "output_names", None) or [f"output_{i}" for i in range(count)])
+            self._kfac_specs = fisher_lib.loss_specs(loss, loss_weights, names[:count])
+        return self._kfac_specs
+
+    def _kfac_forward_backward(self, x, y, sample_weight):
+        """Forward pass, loss, gradients, recorded inputs and the statistics gradients g."""
+        opt = _kfac_optimizer(self.optimizer)
+        sampled = opt.fisher == "sampled"
+        if sampled:
+            # Resolve the loss now so that an unsupported one fails before training starts.
+            self._kfac_loss_specs(len(keras.tree.flatten(self.outputs)) if hasattr(self, "outputs") else 1)
+        with capture(opt.blocks) as record:
+            with tf.GradientTape(persistent=sampled) as tape:
+                if self._call_has_training_arg:
+                    y_pred = self(x, training=True)
+                else:
+                    y_pred = self(x)
+                loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+                scaled_loss = opt.scale_loss(loss)
+        variables = self.trainable_weights
+        preacts = record.flat_preactivations()
+        num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
+        if not sampled:
+            both = tape.gradient(scaled_loss, variables + preacts)
+            grads = both[: len(variables)]
+            scale = tf.cast(num_examples, tf.float32) / float(opt.loss_scale_factor or 1.0)
+            stats_grads = [
+                tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) * scale
+                for g, p in zip(both[len(variables) :], preacts)
+            ]
+        else:
+            grads = tape.gradient(scaled_loss, variables)
+
+            def sampled_grads():
+                outputs = keras.tree.flatten(y_pred)
+                specs = self._kfac_loss_specs(len(outputs))
+                seed = opt.sampling_seed()
+                output_grads = [
+                    tf.cast(fisher_lib.sampled_output_grads(spec, out, tf.random.experimental.stateless_fold_in(seed, i)), out.dtype)
+                    for i, (spec, out) in enumerate(zip(specs, outputs))
+                ]
+                gs = tape.gradient(outputs, preacts, output_gradients=output_grads)
+                return [tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) for g, p in zip(gs, preacts)]
+
+            if preacts:
+                zeros = lambda: [tf.zeros_like(p, tf.float32) for p in preacts]  # noqa: E731
+                stats_grads = tf.cond(opt.due(opt.stats_every), sampled_grads, zeros)
+                stats_grads = list(stats_grads) if isinstance(stats_grads, (list, tuple)) else [stats_grads]
+            else:
+                stats_grads = []
+            del tape
+        return y_pred, loss, grads, record.inputs, record.unflatten(stats_grads), num_examples
+
+    def train_step(self, data):
+        opt = _kfac_optimizer(getattr(self, "optimizer", None))
+        if opt is None:
+            return super().train_step(data)
+        if not opt.built:
+            # Without a distribution strategy Keras builds optimizers lazily inside the first
+            # step; K-FAC needs its blocks (hence a built model) before the forward pass.
+            self._symbolic_build(data_batch=data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        forward = self._kfac_forward_backward
+        if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
+            if self._kfac_forward_fn is None:
+                self._kfac_forward_fn = tf.function(forward, jit_compile=True, reduce_retracing=True)
+            forward = self._kfac_forward_fn
+        y_pred, loss, grads, inputs, stats_grads, num_examples = forward(x, y, sample_weight)
+        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
+        opt.kfac_step(grads, self.trainable_weights, loss, inputs, lambda: stats_grads, num_examples)
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["skipped_steps"] = tf.identity(opt.skipped_steps.value)
+        return logs
+
+
+@keras.saving.register_keras_serializable(package="keras_kfac")
+class Model(KFACTrainStep, keras.Model):
+    """Drop-in `keras.Model` (functional or subclassed) whose train_step supports KFAC."""
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Model and functional_init_arguments(args, kwargs):
+            return FunctionalModel.__new__(FunctionalModel, *args, **kwargs)
+        return super().__new__(cls, *args, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="keras_kfac")
+class FunctionalModel(Model, Functional):
+    """What `keras_kfac.Model(inputs, outputs)` returns (as `keras.Model` returns Functional)."""
+
+
+@keras.saving.register_keras_serializable(package="keras_kfac")
+class Sequential(KFACTrainStep, keras.Sequential):
+    """Drop-in `keras.Sequential` whose train_step supports KFAC."""
+
+
+@keras.saving.register_keras_serializable(package="keras_kfac")
+class WrappedModel(Model):
+    """A `keras_kfac.Model` that calls a subclassed model, sharing its layers and weights."""
+
+    def __init__(self, model, **kwargs):
+        super().__init__(**kwargs)
+        self.model = model
+
+    def call(self, inputs, training=None):
+        if self.model._call_has_training_arg:
+            return self.model(inputs, training=training)
+        return self.model(inputs)
+
+    def get_config(self):
+        return {"name": self.name, "model": keras.saving.serialize_keras_object(self.model)}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["model"] = keras.saving.deserialize_keras_object(config["model"], custom_objects=custom_objects)
+        return cls(**config)
+
+
+def wrap(model: keras.Model) -> keras.Model:
+    """Returns a keras_kfac model that shares `model`'s layers and weights.
+
+    Sequential → `keras_kfac.Sequential`, functional → `keras_kfac.Model`, subclassed →
+    a `WrappedModel` calling it.  A keras_kfac model is returned unchanged.
+    """
+    if isinstance(model, KFACTrainStep):
+        return model
+    if isinstance(model, keras.Sequential):
+        layers = list(model.layers)
+        if model.built and getattr(model, "_functional", None) is not None:
+            spec = model.inputs[0]
+            layers = [keras.Input(batch_shape=spec.shape, dtype=spec.dtype)] + layers
+        return Sequential(layers, name=model.name)
+    if isinstance(model, Functional):
+        return FunctionalModel(model.inputs, model.outputs, name=model.name)
+    if isinstance(model, keras.Model):
+        return WrappedModel(model, name=f"{model.name}_kfac")
+    raise TypeError(f"keras_kfac.wrap expects a keras.Model; received {type(model).__name__}.")

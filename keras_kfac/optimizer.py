@@ -1,0 +1,485 @@
+"""The K-FAC optimizer: factor statistics, periodic eigendecompositions and the damped step.
+
+Per block (one Dense or Conv2D layer, kernel and bias together) the gradient matrix V is
+preconditioned with the damped inverse of A ⊗ G (see `keras_kfac.linalg`) giving U; the step
+is δ = −lr · U with heavy-ball momentum, U optionally rescaled by a KL clip or grafted to the
+norm of an Adam/SGD step.  Statistics are exponential moving averages with weight
+ε_k = min(1 − 1/k, stats_decay) on the old value after k updates.  Variables without a block
+are updated by the `fallback` optimizer.
+
+The statistics and the preconditioned update run as XLA-compiled functions; the
+eigendecompositions run in their own function, XLA-compiled on GPU/TPU and plain on CPU
+(`inverse_jit="auto"`), because XLA's CPU `eigh` is far slower than LAPACK's.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import keras
+import tensorflow as tf
+from keras.optimizers.schedules import LearningRateSchedule
+
+from keras_kfac import linalg
+
+FISHER_TYPES = ("sampled", "empirical")
+GRAFT_TYPES = (None, "adam", "sgd")
+_ADAM_BETA_2 = 0.999
+_ADAM_EPSILON = 1e-7
+
+
+def _check_number(name: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):
+    """Raises ValueError naming `name` unless low (<|<=) value (<|<=) high."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"`{name}` must be {kind}; received {name}={value!r}.")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}; received {name}={value!r}.")
+
+
+def _has_accelerator() -> bool:
+    return any(d.device_type in ("GPU", "TPU") for d in tf.config.list_physical_devices())
+
+
+class _Untracked:
+    """Plain holder for Python-side state (blocks, lookup tables, compiled functions), kept out
+    of Keras/TF attribute tracking; every variable is tracked through `add_variable`."""
+
+    def __init__(self):
+        self.blocks = []
+        self.block_keys = set()
+        self.factors = []
+        self.eigen = []
+        self.velocity = {}
+        self.graft_second_moment = {}
+        self.compiled = {}
+
+
+@keras.saving.register_keras_serializable(package="keras_kfac")
+class KFAC(keras.optimizers.Optimizer):
+    """Kronecker-factored approximate curvature (Martens & Grosse 2015; KFC for Conv2D).
+
+    Use it with a `keras_kfac.Model`, `keras_kfac.Sequential` or `keras_kfac.wrap(model)`:
+    their `train_step` records the layer inputs and pre-activation gradients K-FAC needs.
+
+    Args:
+        learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.
+        momentum: heavy-ball momentum on the step, in [0, 1).
+        damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).
+        stats_decay: upper bound of the moving-average weight ε_k = min(1 − 1/k, stats_decay).
+        stats_every: update the factor statistics every this many steps.
+        inverse_every: recompute the eigendecompositions every this many steps.
+        fisher: "sampled" (targets drawn from the model's predictive distribution, the true
+            Fisher) or "empirical" (the real labels).
+        damping_mode: "eigen" solves (A ⊗ G + λI) U = V exactly; "factored" uses
+            (A + π√λ I) ⊗ (G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G)).
+        kl_clip: if set, U is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))).
+        adapt_damping: Levenberg–Marquardt damping (not implemented yet).
+        graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
+            of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
+        stats_batch_size: compute the statistics from the first k examples of each batch.
+        fallback: Keras optimizer (instance, name or config) for variables without a block;
+            default SGD with this optimizer's learning rate and momentum.
+        inverse_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
+        inverse_dtype: dtype of the eigendecompositions, "float32" or "float64".
+        seed: integer mixed with the step counter to seed the sampled targets.
+        **kwargs: the usual Keras optimizer arguments (weight_decay, clipnorm, ...).
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.01,
+        momentum=0.9,
+        damping=1e-3,
+        stats_decay=0.95,
+        stats_every=1,
+        inverse_every=20,
+        fisher="sampled",
+        damping_mode="eigen",
+        kl_clip=None,
+        adapt_damping=False,
+        graft=None,
+        stats_batch_size=None,
+        fallback=None,
+        inverse_jit="auto",
+        inverse_dtype="float32",
+        seed=0,
+        name="kfac",
+        **kwargs,
+    ):
+        if not isinstance(learning_rate, LearningRateSchedule) and not callable(learning_rate):
+            _check_number("learning_rate", learning_rate, low=0.0)
+            learning_rate = float(learning_rate)
+        if not isinstance(damping, LearningRateSchedule):
+            _check_number("damping", damping, low=0.0, low_open=True)
+            damping = float(damping)
+        _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        _check_number("stats_decay", stats_decay, low=0.0, high=1.0, high_open=True)
+        _check_number("stats_every", stats_every, low=1, integer=True)
+        _check_number("inverse_every", inverse_every, low=1, integer=True)
+        if fisher not in FISHER_TYPES:
+            raise ValueError(f"`fisher` must be one of {FISHER_TYPES}; received fisher={fisher!r}.")
+        if damping_mode not in linalg.DAMPING_MODES:
+            raise ValueError(
+                f"`damping_mode` must be one of {linalg.DAMPING_MODES}; received damping_mode={damping_mode!r}."
+            )
+        if kl_clip is not None:
+            _check_number("kl_clip", kl_clip, low=0.0, low_open=True)
+        if adapt_damping:
+            raise NotImplementedError("`adapt_damping=True` (Levenberg–Marquardt damping) is not implemented yet.")
+        if graft not in GRAFT_TYPES:
+            raise ValueError(f"`graft` must be one of {GRAFT_TYPES}; received graft={graft!r}.")
+        if stats_batch_size is not None:
+            _check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
+        if inverse_jit not in ("auto", True, False):
+            raise ValueError(f"`inverse_jit` must be 'auto', True or False; received inverse_jit={inverse_jit!r}.")
+        if inverse_dtype not in ("float32", "float64"):
+            raise ValueError(f"`inverse_dtype` must be 'float32' or 'float64'; received {inverse_dtype!r}.")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"`seed` must be an integer; received seed={seed!r}.")
+        super().__init__(learning_rate=learning_rate, name=name, **kwargs)
+        self.momentum = float(momentum)
+        self.stats_decay = float(stats_decay)
+        self.stats_every = stats_every
+        self.inverse_every = inverse_every
+        self.fisher = fisher
+        self.damping_mode = damping_mode
+        self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.adapt_damping = bool(adapt_damping)
+        self.graft = graft
+        self.stats_batch_size = stats_batch_size
+        self.fallback = fallback
+        self.inverse_jit = inverse_jit
+        self.inverse_dtype = inverse_dtype
+        self.seed = seed
+        if isinstance(damping, LearningRateSchedule):
+            self._damping = damping
+        else:
+            with keras.name_scope(self.name, caller=self):
+                self._damping = keras.Variable(damping, name="damping", dtype="float32", trainable=False)
+            self._track_variable(self._damping)
+        self._model_ref = None
+        self._state = _Untracked()
+        self._fallback_optimizer = None
+        self._kfac_active = False
+
+    # ----------------------------------------------------------------------------- setup
+    def attach_model(self, model) -> None:
+        """Called by `keras_kfac.Model.compile`: where `build` finds the layers' blocks."""
+        self._model_ref = weakref.ref(model)
+
+    @property
+    def blocks(self) -> list:
+        return self._state.blocks
+
+    def factors(self) -> dict:
+        """{layer name: (A, G)} moving-average factor variables."""
+        return {b.name: f for b, f in zip(self._state.blocks, self._state.factors)}
+
+    @property
+    def damping(self):
+        """The current λ (a schedule is evaluated at the step counter)."""
+        if isinstance(self._damping, LearningRateSchedule):
+            return tf.cast(self._damping(self.iterations), tf.float32)
+        return self._damping
+
+    @property
+    def inverse_in_xla(self) -> bool:
+        if self.inverse_jit == "auto":
+            return _has_accelerator()
+        return bool(self.inverse_jit)
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        from keras_kfac.model import discover_blocks  # model.py imports this module
+
+        model = self._model_ref() if self._model_ref is not None else None
+        keys = {self._var_key(v) for v in variables}
+        blocks = []
+        if model is not None:
+            blocks = [
+                b for b in discover_blocks(model)[0] if all(self._var_key(v) in keys for v in b.variables)
+            ]
+        state = self._state
+        state.blocks = blocks
+        state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
+        self._stats_updates = self.add_variable((), initializer="zeros", dtype="int64", name="stats_updates")
+        self._skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_steps")
+        for block in blocks:
+            prefix = block.name
+            a = self.add_variable((block.dim_a, block.dim_a), "zeros", "float32", name=f"{prefix}_factor_a")
+            g = self.add_variable((block.dim_g, block.dim_g), "zeros", "float32", name=f"{prefix}_factor_g")
+            state.factors.append((a, g))
+            state.eigen.append(
+                (
+                    self.add_variable((block.dim_a,), "zeros", "float32", name=f"{prefix}_eigenvalues_a"),
+                    self.add_variable((block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_eigenvectors_a"),
+                    self.add_variable((block.dim_g,), "zeros", "float32", name=f"{prefix}_eigenvalues_g"),
+                    self.add_variable((block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_eigenvectors_g"),
+                )
+            )
+        block_vars = [v for v in variables if self._var_key(v) in state.block_keys]
+        if self.momentum > 0:
+            for v in block_vars:
+                state.velocity[self._var_key(v)] = self.add_variable_from_reference(v, "velocity")
+        if self.graft == "adam":
+            for v in block_vars:
+                state.graft_second_moment[self._var_key(v)] = self.add_variable_from_reference(v, "graft_v")
+        other_vars = [v for v in variables if self._var_key(v) not in state.block_keys]
+        if other_vars:
+            self._fallback_optimizer = self._make_fallback()
+            self._fallback_optimizer.build(other_vars)
+            for v in self._fallback_optimizer.variables:
+                self._track_variable(v)
+
+    def _make_fallback(self):
+        if self.fallback is None:
+            return keras.optimizers.SGD(
+                learning_rate=lambda: self.learning_rate,
+                momentum=self.momentum,
+                weight_decay=self.weight_decay,
+                name=f"{self.name}_fallback",
+            )
+        if isinstance(self.fallback, keras.optimizers.Optimizer):
+            return self.fallback
+        return keras.optimizers.get(self.fallback)
+
+    @property
+    def fallback_optimizer(self):
+        """The optimizer that updates the variables without a block (None when all have one)."""
+        return self._fallback_optimizer
+
+    @property
+    def skipped_steps(self):
+        return self._skipped_steps
+
+    # ------------------------------------------------------------------ compiled pieces
+    def _function(self, key, fn, jit: bool):
+        """Caches `fn` as a tf.function (XLA when `jit`); runs it as is when eager."""
+        if tf.executing_eagerly():
+            return fn
+        compiled = self._state.compiled
+        if key not in compiled:
+            compiled[key] = tf.function(fn, jit_compile=jit, reduce_retracing=True, autograph=False)
+        return compiled[key]
+
+    def due(self, every: int) -> tf.Tensor:
+        return tf.equal(tf.math.floormod(self.iterations, every), 0)
+
+    def sampling_seed(self) -> tf.Tensor:
+        """Stateless seed for this step's sampled targets."""
+        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
+
+    def _update_statistics(self, inputs, preact_grads, num_examples):
+        """Moving-average update of every factor; returns False (and changes nothing) if the
+        batch estimates are not finite."""
+        if self.stats_batch_size is not None:
+            k = self.stats_batch_size
+            inputs = [[x[:k] for x in per_block] for per_block in inputs]
+            preact_grads = [[g[:k] for g in per_block] for per_block in preact_grads]
+            num_examples = tf.minimum(num_examples, k)
+        batch, ok = [], tf.constant(True)
+        for block, xs, gs in zip(self.blocks, inputs, preact_grads):
+            if not xs:
+                batch.append(None)
+                continue
+            factor_a, factor_g = block.factors(xs, gs, num_examples)
+            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_a)))
+            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_g)))
+            batch.append((factor_a, factor_g))
+
+        def assign():
+            count = self._stats_updates + 1
+            k = tf.cast(count, tf.float32)
+            decay = tf.minimum(1.0 - 1.0 / k, self.stats_decay)
+            for (a, g), new in zip(self._state.factors, batch):
+                if new is None:
+                    continue
+                a.assign(decay * a + (1.0 - decay) * new[0])
+                g.assign(decay * g + (1.0 - decay) * new[1])
+            self._stats_updates.assign(count)
+            return tf.constant(True)
+
+        return tf.cond(ok, assign, lambda: tf.constant(False))
+
+    def _update_inverses(self):
+        dtype = tf.as_dtype(self.inverse_dtype)
+        for (a, g), (ea, qa, eg, qg) in zip(self._state.factors, self._state.eigen):
+            values, vectors = linalg.symmetric_eigh(a, dtype)
+            ea.assign(values)
+            qa.assign(vectors)
+            values, vectors = linalg.symmetric_eigh(g, dtype)
+            eg.assign(values)
+            qg.assign(vectors)
+        return tf.constant(True)
+
+    def update_inverses(self):
+        """Recomputes every eigendecomposition now (also usable outside `fit`)."""
+        return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
+
+    # ---------------------------------------------------------------------- the step
+    def kfac_step(self, grads, variables, loss, inputs, preact_grads_fn, num_examples):
+        """One K-FAC step, called from `keras_kfac.Model.train_step`.
+
+        `inputs` holds, per block, the recorded layer inputs; `preact_grads_fn()` returns the
+        matching per-example pre-activation gradients (it runs only on statistics steps).
+        A step whose loss, gradients or statistics are not finite changes nothing but the
+        `skipped_steps` counter.
+        """
+        finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))
+        for g in grads:
+            if g is not None:
+                finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
+        update_stats = self._function("statistics", self._update_statistics, jit=True)
+
+        def collect():
+            return update_stats(inputs, preact_grads_fn(), num_examples)
+
+        stats_ok = tf.cond(tf.logical_and(finite, self.due(self.stats_every)), collect, lambda: tf.constant(True))
+        ok = tf.logical_and(finite, stats_ok)
+        tf.cond(tf.logical_and(ok, self.due(self.inverse_every)), self.update_inverses, lambda: tf.constant(False))
+
+        present = tuple(i for i, g in enumerate(grads) if g is not None)
+        present_grads = [grads[i] for i in present]
+        present_vars = [variables[i] for i in present]
+
+        def apply_fn(gs):
+            self._kfac_active = True
+            try:
+                self.apply(gs, present_vars)
+            finally:
+                self._kfac_active = False
+            return tf.constant(True)
+
+        apply_compiled = self._function(("apply", present, len(variables)), apply_fn, jit=True)
+
+        def skip():
+            self._skipped_steps.assign_add(1)
+            return tf.constant(False)
+
+        return tf.cond(ok, lambda: apply_compiled(present_grads), skip)
+
+    def apply(self, grads, trainable_variables=None):
+        if not self._kfac_active:
+            raise RuntimeError(
+                "KFAC needs each layer's inputs and pre-activation gradients, which only the "
+                "train_step of keras_kfac models collects. Build the model with "
+                "keras_kfac.Model / keras_kfac.Sequential, or call `model = keras_kfac.wrap(model)` "
+                "and compile that model with KFAC."
+            )
+        if trainable_variables is None:
+            trainable_variables = self._trainable_variables
+        pairs = list(zip(grads, trainable_variables))
+        block_pairs = [(g, v) for g, v in pairs if self._var_key(v) in self._state.block_keys]
+        other_pairs = [(g, v) for g, v in pairs if self._var_key(v) not in self._state.block_keys]
+        if other_pairs:
+            # Before our own update: a learning-rate schedule sees the same step counter.
+            self._fallback_optimizer.apply([g for g, _ in other_pairs], [v for _, v in other_pairs])
+        if block_pairs:
+            super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
+        else:
+            self._iterations.assign_add(1)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        directions = self.precondition(grads, trainable_variables, learning_rate)
+        super()._backend_update_step(directions, trainable_variables, learning_rate)
+
+    def precondition(self, grads, variables, learning_rate):
+        """Maps gradients to K-FAC directions U (block by block; KL clip and grafting applied)."""
+        by_key = {self._var_key(v): g for g, v in zip(grads, variables)}
+        damping = self.damping
+        results = []
+        for block, (ea, qa, eg, qg) in zip(self.blocks, self._state.eigen):
+            keys = [self._var_key(v) for v in block.variables]
+            if not all(k in by_key for k in keys):
+                continue
+            block_grads = [tf.cast(by_key[k], tf.float32) for k in keys]
+            matrix = block.to_matrix(block_grads[0], block_grads[1] if len(keys) > 1 else None)
+            direction = linalg.precondition(matrix, ea, qa, eg, qg, damping, self.damping_mode)
+            if self.graft is not None:
+                target = self._graft_norm(block.variables, block_grads)
+                norm = tf.norm(direction)
+                direction = direction * tf.where(norm > 0, target / tf.where(norm > 0, norm, 1.0), 0.0)
+            results.append((block, keys, matrix, direction))
+        if self.kl_clip is not None and results:
+            lr = tf.cast(learning_rate, tf.float32)
+            inner = tf.add_n([tf.reduce_sum(u * v) for _, _, v, u in results])
+            ratio = self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)
+            nu = tf.minimum(1.0, tf.sqrt(ratio))
+            results = [(b, k, v, u * nu) for b, k, v, u in results]
+        for block, keys, _, direction in results:
+            for key, part in zip(keys, block.from_matrix(direction)):
+                by_key[key] = part
+        return [tf.cast(by_key[self._var_key(v)], v.dtype) for v in variables]
+
+    def _graft_norm(self, variables, grads):
+        """Norm of the first-order direction the block is grafted to."""
+        if self.graft == "sgd":
+            return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
+        step = tf.cast(self.iterations + 1, tf.float32)
+        correction = 1.0 - tf.pow(_ADAM_BETA_2, step)
+        total = []
+        for v, g in zip(variables, grads):
+            second = self._state.graft_second_moment[self._var_key(v)]
+            second.assign(_ADAM_BETA_2 * second + (1.0 - _ADAM_BETA_2) * tf.square(g))
+            adam = g / (tf.sqrt(second / correction) + _ADAM_EPSILON)
+            total.append(tf.reduce_sum(tf.square(adam)))
+        return tf.sqrt(tf.add_n(total))
+
+    def update_step(self, gradient, variable, learning_rate):
+        """Heavy-ball step on one variable; `gradient` is already the K-FAC direction U."""
+        lr = tf.cast(learning_rate, variable.dtype)
+        velocity = self._state.velocity.get(self._var_key(variable))
+        if velocity is None:
+            self.assign_sub(variable, lr * gradient)
+            return
+        self.assign(velocity, self.momentum * velocity - lr * gradient)
+        self.assign_add(variable, velocity)
+
+    # ------------------------------------------------------------------------ config
+    def get_config(self):
+        config = super().get_config()
+        if isinstance(self._damping, LearningRateSchedule):
+            damping = keras.optimizers.schedules.serialize(self._damping)
+        else:
+            damping = float(self._damping.numpy())
+        fallback = self.fallback
+        if isinstance(fallback, keras.optimizers.Optimizer):
+            fallback = keras.optimizers.serialize(fallback)
+        config.update(
+            {
+                "momentum": self.momentum,
+                "damping": damping,
+                "stats_decay": self.stats_decay,
+                "stats_every": self.stats_every,
+                "inverse_every": self.inverse_every,
+                "fisher": self.fisher,
+                "damping_mode": self.damping_mode,
+                "kl_clip": self.kl_clip,
+                "adapt_damping": self.adapt_damping,
+                "graft": self.graft,
+                "stats_batch_size": self.stats_batch_size,
+                "fallback": fallback,
+                "inverse_jit": self.inverse_jit,
+                "inverse_dtype": self.inverse_dtype,
+                "seed": self.seed,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("damping"), dict):
+            config["damping"] = keras.optimizers.schedules.deserialize(config["damping"], custom_objects=custom_objects)
+        if isinstance(config.get("fallback"), dict):
+            config["fallback"] = keras.optimizers.deserialize(config["fallback"], custom_objects=custom_objects)
+        return super().from_config(config, custom_objects=custom_objects)
