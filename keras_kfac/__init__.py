@@ -1,8 +1,8 @@
 """keras-kfac: K-FAC (Kronecker-factored approximate curvature) for Keras 3 on TensorFlow.
 
-    model = keras_kfac.Sequential([...])   # or keras_kfac.Model(...) / keras_kfac.wrap(model)
-    model.compile(optimizer=keras_kfac.KFAC(), loss=..., metrics=[...])
-    model.fit(...)
+model = keras_kfac.Sequential([...])   # or keras_kfac.Model(...) / keras_kfac.wrap(model)
+model.compile(optimizer=keras_kfac.KFAC(), loss=..., metrics=[...])
+model.fit(...)
 """
 
 from keras_kfac.blocks import Conv2DBlock, DenseBlock, KroneckerBlock

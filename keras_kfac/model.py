@@ -169,11 +169,16 @@ class KFACTrainStep:
                 specs = self._kfac_loss_specs(len(outputs))
                 seed = opt.sampling_seed()
                 output_grads = [
-                    tf.cast(fisher_lib.sampled_output_grads(spec, out, tf.random.experimental.stateless_fold_in(seed, i)), out.dtype)
+                    tf.cast(
+                        fisher_lib.sampled_output_grads(spec, out, tf.random.experimental.stateless_fold_in(seed, i)),
+                        out.dtype,
+                    )
                     for i, (spec, out) in enumerate(zip(specs, outputs))
                 ]
                 gs = tape.gradient(outputs, preacts, output_gradients=output_grads)
-                return [tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) for g, p in zip(gs, preacts)]
+                return [
+                    tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) for g, p in zip(gs, preacts)
+                ]
 
             if preacts:
                 zeros = lambda: [tf.zeros_like(p, tf.float32) for p in preacts]  # noqa: E731

@@ -14,6 +14,7 @@ eigendecompositions run in their own function, XLA-compiled on GPU/TPU and plain
 
 from __future__ import annotations
 
+import copy
 import weakref
 
 import keras
@@ -205,9 +206,7 @@ class KFAC(keras.optimizers.Optimizer):
         keys = {self._var_key(v) for v in variables}
         blocks = []
         if model is not None:
-            blocks = [
-                b for b in discover_blocks(model)[0] if all(self._var_key(v) in keys for v in b.variables)
-            ]
+            blocks = [b for b in discover_blocks(model)[0] if all(self._var_key(v) in keys for v in b.variables)]
         state = self._state
         state.blocks = blocks
         state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
@@ -221,9 +220,13 @@ class KFAC(keras.optimizers.Optimizer):
             state.eigen.append(
                 (
                     self.add_variable((block.dim_a,), "zeros", "float32", name=f"{prefix}_eigenvalues_a"),
-                    self.add_variable((block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_eigenvectors_a"),
+                    self.add_variable(
+                        (block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_eigenvectors_a"
+                    ),
                     self.add_variable((block.dim_g,), "zeros", "float32", name=f"{prefix}_eigenvalues_g"),
-                    self.add_variable((block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_eigenvectors_g"),
+                    self.add_variable(
+                        (block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_eigenvectors_g"
+                    ),
                 )
             )
         block_vars = [v for v in variables if self._var_key(v) in state.block_keys]
@@ -477,7 +480,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
+        config = copy.deepcopy(config)  # Keras' deserializers edit nested dicts in place
         if isinstance(config.get("damping"), dict):
             config["damping"] = keras.optimizers.schedules.deserialize(config["damping"], custom_objects=custom_objects)
         if isinstance(config.get("fallback"), dict):

@@ -1,0 +1,93 @@
+"""fisher="sampled": over many draws, G of the output layer approaches the loss Hessian
+averaged over examples (closed forms below), within sampling error."""
+
+import keras
+import numpy as np
+import pytest
+import reference as ref
+
+import keras_kfac
+
+M, STEPS = 32, 400  # 12,800 draws: sampling error of an entry is below ~0.004 here
+
+
+def _sampled_g(activation, loss, units=4, labels=None):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(M, 3)).astype("float32")
+    layer = keras.layers.Dense(units, activation=activation)
+    model = keras_kfac.Sequential([keras.Input((3,)), layer])
+    opt = keras_kfac.KFAC(learning_rate=0.0, momentum=0.0, stats_decay=0.999999, inverse_every=10**6, fisher="sampled")
+    model.compile(optimizer=opt, loss=loss)
+    y = labels(rng) if labels else rng.integers(0, units, size=M)
+    model.fit(
+        np.tile(x, (STEPS, 1)), np.tile(y, (STEPS,) + (1,) * (y.ndim - 1)), batch_size=M, shuffle=False, verbose=0
+    )
+    z = x.astype(np.float64) @ layer.kernel.numpy() + layer.bias.numpy()
+    return opt.factors()[layer.name][1].numpy(), z
+
+
+def _categorical_hessian(z):
+    p = ref.softmax(z)
+    return np.mean([np.diag(pi) - np.outer(pi, pi) for pi in p], axis=0)
+
+
+@pytest.mark.parametrize(
+    "activation, loss",
+    [
+        ("softmax", "sparse_categorical_crossentropy"),
+        (None, keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+    ],
+    ids=["probabilities", "logits"],
+)
+def test_sampled_softmax_g_matches_closed_form(activation, loss):
+    g, z = _sampled_g(activation, loss)
+    expected = _categorical_hessian(z)
+    assert np.abs(g - expected).max() < 0.012, np.abs(g - expected).max()
+
+
+def test_sampled_one_hot_categorical():
+    labels = lambda rng: np.eye(4)[rng.integers(0, 4, size=M)]  # noqa: E731
+    g, z = _sampled_g("softmax", keras.losses.CategoricalCrossentropy(), labels=labels)
+    assert np.abs(g - _categorical_hessian(z)).max() < 0.012
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+def test_sampled_binary_g_is_loss_hessian(from_logits):
+    labels = lambda rng: rng.integers(0, 2, size=(M, 4)).astype("float32")  # noqa: E731
+    loss = keras.losses.BinaryCrossentropy(from_logits=from_logits)
+    g, z = _sampled_g(None if from_logits else "sigmoid", loss, labels=labels)
+    p = 1 / (1 + np.exp(-z))
+    expected = np.diag(np.mean(p * (1 - p), axis=0)) / 4  # Keras averages over the 4 outputs
+    assert np.abs(g - expected).max() < 0.006, np.abs(g - expected).max()
+
+
+def test_sampled_mse_g_is_loss_hessian():
+    labels = lambda rng: rng.normal(size=(M, 4)).astype("float32")  # noqa: E731
+    g, _ = _sampled_g(None, "mse", labels=labels)
+    assert np.abs(g - 0.5 * np.eye(4)).max() < 0.03  # (2/d) I with d = 4
+
+
+def test_unsupported_loss_with_sampled_fisher_is_a_clear_error():
+    model = keras_kfac.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras_kfac.KFAC(), loss="mean_absolute_error")
+    with pytest.raises(ValueError, match="sparse_categorical_crossentropy.*empirical"):
+        model.fit(np.zeros((4, 3)), np.zeros((4, 2)), verbose=0)
+
+
+def test_sampled_runs_are_reproducible():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 3)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    weights = []
+    for _ in range(2):
+        keras.utils.set_random_seed(5)
+        model = keras_kfac.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(8, "tanh"), keras.layers.Dense(3, "softmax")]
+        )
+        model.compile(
+            optimizer=keras_kfac.KFAC(learning_rate=0.05, inverse_every=2), loss="sparse_categorical_crossentropy"
+        )
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_array_equal(a, b)
