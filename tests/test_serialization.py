@@ -89,3 +89,21 @@ def test_save_and_load_compiled_model(tmp_path, style):
     loaded.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_export_serves_the_same_outputs(tmp_path):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    model = keras_kfac.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(6, activation="relu"), keras.layers.Dense(3, activation="softmax")]
+    )
+    model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=8, verbose=0)
+    path = str(tmp_path / "export")
+    model.export(path, verbose=False)
+    loaded = tf.saved_model.load(path)  # keep a reference: its variables live as long as it does
+    served = loaded.serve(tf.constant(x))
+    np.testing.assert_allclose(served.numpy(), model.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
