@@ -66,3 +66,27 @@ def precondition(
     rotated = tf.matmul(tf.matmul(vec_a, grad, transpose_a=True), vec_g)
     scaled = rotated / damped_denominator(eig_a, eig_g, damping, mode)
     return tf.matmul(tf.matmul(vec_a, scaled), vec_g, transpose_b=True)
+
+
+def factored_inverses(
+    factor_a: tf.Tensor, factor_g: tf.Tensor, damping, dtype: tf.DType = tf.float32
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ through Cholesky factorizations, computed in `dtype`.
+
+    π = sqrt((tr A / dim A) / (tr G / dim G)) (1 if a trace is not positive).  Returns the two
+    inverses in the factors' dtype and a boolean that is False when either is not finite.
+    """
+    out_dtype = factor_a.dtype
+    a = tf.cast(factor_a, dtype)
+    g = tf.cast(factor_g, dtype)
+    pi = tf.cast(pi_factor(tf.linalg.diag_part(a), tf.linalg.diag_part(g)), dtype)
+    root = tf.sqrt(tf.cast(damping, dtype))
+    inverses = []
+    for matrix, shift in ((a, pi * root), (g, root / pi)):
+        size = tf.shape(matrix)[0]
+        eye = tf.eye(size, dtype=dtype)
+        damped = 0.5 * (matrix + tf.transpose(matrix)) + shift * eye
+        inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), eye)
+        inverses.append(0.5 * (inverse + tf.transpose(inverse)))
+    ok = tf.logical_and(tf.reduce_all(tf.math.is_finite(inverses[0])), tf.reduce_all(tf.math.is_finite(inverses[1])))
+    return tf.cast(inverses[0], out_dtype), tf.cast(inverses[1], out_dtype), ok

@@ -56,7 +56,7 @@ class _Untracked:
         self.blocks = []
         self.block_keys = set()
         self.factors = []
-        self.eigen = []
+        self.inverses = []  # per block: eigendecompositions (eigen) or damped inverses (factored)
         self.velocity = {}
         self.graft_second_moment = {}
         self.compiled = {}
@@ -78,8 +78,11 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_every: recompute the eigendecompositions every this many steps.
         fisher: "sampled" (targets drawn from the model's predictive distribution, the true
             Fisher) or "empirical" (the real labels).
-        damping_mode: "eigen" solves (A ⊗ G + λI) U = V exactly; "factored" uses
-            (A + π√λ I) ⊗ (G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G)).
+        damping_mode: "eigen" solves (A ⊗ G + λI) U = V exactly through eigendecompositions
+            (four small products per block and step); "factored" applies the inverse of
+            (A + π√λ I) ⊗ (G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G)), stored as two
+            explicit inverses computed by Cholesky at each inversion (two products per step; a
+            damping schedule takes effect at the inversions).
         kl_clip: if set, U is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))).
         adapt_damping: Levenberg–Marquardt damping (not implemented yet).
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
@@ -88,7 +91,9 @@ class KFAC(keras.optimizers.Optimizer):
         fallback: Keras optimizer (instance, name or config) for variables without a block;
             default SGD with this optimizer's learning rate and momentum.
         inverse_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
-        inverse_dtype: dtype of the eigendecompositions, "float32" or "float64".
+        inverse_dtype: dtype of the eigendecompositions/inverses, "float32" or "float64".
+        statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU, where XLA's patch extraction
+            is about 3x slower), True or False.
         seed: integer mixed with the step counter to seed the sampled targets.
         **kwargs: the usual Keras optimizer arguments (weight_decay, clipnorm, ...).
     """
@@ -110,6 +115,7 @@ class KFAC(keras.optimizers.Optimizer):
         fallback=None,
         inverse_jit="auto",
         inverse_dtype="float32",
+        statistics_jit="auto",
         seed=0,
         name="kfac",
         **kwargs,
@@ -140,6 +146,10 @@ class KFAC(keras.optimizers.Optimizer):
             _check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
         if inverse_jit not in ("auto", True, False):
             raise ValueError(f"`inverse_jit` must be 'auto', True or False; received inverse_jit={inverse_jit!r}.")
+        if statistics_jit not in ("auto", True, False):
+            raise ValueError(
+                f"`statistics_jit` must be 'auto', True or False; received statistics_jit={statistics_jit!r}."
+            )
         if inverse_dtype not in ("float32", "float64"):
             raise ValueError(f"`inverse_dtype` must be 'float32' or 'float64'; received {inverse_dtype!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
@@ -158,6 +168,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.fallback = fallback
         self.inverse_jit = inverse_jit
         self.inverse_dtype = inverse_dtype
+        self.statistics_jit = statistics_jit
         self.seed = seed
         if isinstance(damping, LearningRateSchedule):
             self._damping = damping
@@ -196,6 +207,12 @@ class KFAC(keras.optimizers.Optimizer):
             return _has_accelerator()
         return bool(self.inverse_jit)
 
+    @property
+    def statistics_in_xla(self) -> bool:
+        if self.statistics_jit == "auto":
+            return _has_accelerator()
+        return bool(self.statistics_jit)
+
     def build(self, variables):
         if self.built:
             return
@@ -217,18 +234,30 @@ class KFAC(keras.optimizers.Optimizer):
             a = self.add_variable((block.dim_a, block.dim_a), "zeros", "float32", name=f"{prefix}_factor_a")
             g = self.add_variable((block.dim_g, block.dim_g), "zeros", "float32", name=f"{prefix}_factor_g")
             state.factors.append((a, g))
-            state.eigen.append(
-                (
-                    self.add_variable((block.dim_a,), "zeros", "float32", name=f"{prefix}_eigenvalues_a"),
-                    self.add_variable(
-                        (block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_eigenvectors_a"
-                    ),
-                    self.add_variable((block.dim_g,), "zeros", "float32", name=f"{prefix}_eigenvalues_g"),
-                    self.add_variable(
-                        (block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_eigenvectors_g"
-                    ),
+            if self.damping_mode == "eigen":
+                state.inverses.append(
+                    (
+                        self.add_variable((block.dim_a,), "zeros", "float32", name=f"{prefix}_eigenvalues_a"),
+                        self.add_variable(
+                            (block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_eigenvectors_a"
+                        ),
+                        self.add_variable((block.dim_g,), "zeros", "float32", name=f"{prefix}_eigenvalues_g"),
+                        self.add_variable(
+                            (block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_eigenvectors_g"
+                        ),
+                    )
                 )
-            )
+            else:
+                state.inverses.append(
+                    (
+                        self.add_variable(
+                            (block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_inverse_a"
+                        ),
+                        self.add_variable(
+                            (block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_inverse_g"
+                        ),
+                    )
+                )
         block_vars = [v for v in variables if self._var_key(v) in state.block_keys]
         if self.momentum > 0:
             for v in block_vars:
@@ -315,17 +344,26 @@ class KFAC(keras.optimizers.Optimizer):
 
     def _update_inverses(self):
         dtype = tf.as_dtype(self.inverse_dtype)
-        for (a, g), (ea, qa, eg, qg) in zip(self._state.factors, self._state.eigen):
-            values, vectors = linalg.symmetric_eigh(a, dtype)
-            ea.assign(values)
-            qa.assign(vectors)
-            values, vectors = linalg.symmetric_eigh(g, dtype)
-            eg.assign(values)
-            qg.assign(vectors)
+        damping = self.damping
+        for (a, g), state in zip(self._state.factors, self._state.inverses):
+            if self.damping_mode == "eigen":
+                ea, qa, eg, qg = state
+                values, vectors = linalg.symmetric_eigh(a, dtype)
+                ea.assign(values)
+                qa.assign(vectors)
+                values, vectors = linalg.symmetric_eigh(g, dtype)
+                eg.assign(values)
+                qg.assign(vectors)
+            else:
+                inv_a, inv_g = state
+                new_a, new_g, ok = linalg.factored_inverses(a, g, damping, dtype)
+                # A failed factorization keeps the previous inverses rather than ending training.
+                inv_a.assign(tf.where(ok, new_a, inv_a))
+                inv_g.assign(tf.where(ok, new_g, inv_g))
         return tf.constant(True)
 
     def update_inverses(self):
-        """Recomputes every eigendecomposition now (also usable outside `fit`)."""
+        """Recomputes every eigendecomposition (or damped inverse) now; also usable outside `fit`."""
         return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
 
     # ---------------------------------------------------------------------- the step
@@ -341,7 +379,7 @@ class KFAC(keras.optimizers.Optimizer):
         for g in grads:
             if g is not None:
                 finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-        update_stats = self._function("statistics", self._update_statistics, jit=True)
+        update_stats = self._function("statistics", self._update_statistics, jit=self.statistics_in_xla)
 
         def collect():
             return update_stats(inputs, preact_grads_fn(), num_examples)
@@ -400,13 +438,16 @@ class KFAC(keras.optimizers.Optimizer):
         by_key = {self._var_key(v): g for g, v in zip(grads, variables)}
         damping = self.damping
         results = []
-        for block, (ea, qa, eg, qg) in zip(self.blocks, self._state.eigen):
+        for block, inverse in zip(self.blocks, self._state.inverses):
             keys = [self._var_key(v) for v in block.variables]
             if not all(k in by_key for k in keys):
                 continue
             block_grads = [tf.cast(by_key[k], tf.float32) for k in keys]
             matrix = block.to_matrix(block_grads[0], block_grads[1] if len(keys) > 1 else None)
-            direction = linalg.precondition(matrix, ea, qa, eg, qg, damping, self.damping_mode)
+            if self.damping_mode == "eigen":
+                direction = linalg.precondition(matrix, *inverse, damping, "eigen")
+            else:
+                direction = tf.matmul(tf.matmul(inverse[0], matrix), inverse[1])
             if self.graft is not None:
                 target = self._graft_norm(block.variables, block_grads)
                 norm = tf.norm(direction)
@@ -473,6 +514,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "fallback": fallback,
                 "inverse_jit": self.inverse_jit,
                 "inverse_dtype": self.inverse_dtype,
+                "statistics_jit": self.statistics_jit,
                 "seed": self.seed,
             }
         )

@@ -1,0 +1,235 @@
+"""Training-step time of SGD, Adam and K-FAC, measured side by side in one process.
+
+    python benchmarks/step_time.py [--rounds 5] [--steps 40] [--json out.json]
+
+Models: (a) MLP 784-256-256-10 at batch 256, (b) the AlexNet-style CNN of
+`keras_kfac.models.alexnet` at batch 128.  Data are random tensors already in memory.  Every
+optimizer trains its own copy of the model (same initial weights); after warm-up (compilation
+and a first inversion) the configurations are timed in interleaved rounds, step by step, so
+that machine noise hits all of them alike.  The mean step time amortizes the periodic
+statistics and inversions; the median and the interquartile range describe a typical step.
+
+The K-FAC breakdown is measured by difference: "statistics" is (K-FAC with statistics every
+step, no inversions) − (K-FAC with neither); "inversion" is the time of one call of the
+eigendecompositions divided by `inverse_every`; "preconditioning" is (K-FAC with neither) −
+Adam, i.e. the preconditioned update and its bookkeeping.  The floor is the arithmetic of
+preconditioning (two products per side per block) over the arithmetic of a forward and
+backward pass, plus one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_kfac  # noqa: E402
+from keras_kfac.models import alexnet, mlp  # noqa: E402
+
+NEVER = 10**9  # a period no benchmark reaches
+
+
+def forward_backward_flops(model, batch: int) -> float:
+    """2·(multiply-adds) for the forward pass of every Dense/Conv2D kernel, times 3
+    (the backward pass computes two products of the same size)."""
+    total = 0.0
+    for layer in model.layers:
+        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            positions = int(np.prod(layer.output.shape[1:-1])) if isinstance(layer, keras.layers.Conv2D) else 1
+            total += 2.0 * batch * positions * int(np.prod(layer.kernel.shape))
+    return 3.0 * total
+
+
+def preconditioning_flops(blocks) -> float:
+    return sum(2.0 * b.dim_a**2 * b.dim_g + 2.0 * b.dim_a * b.dim_g**2 for b in blocks)
+
+
+def make_model(name: str):
+    return mlp() if name == "mlp" else alexnet()
+
+
+# Random labels: a small learning rate keeps every optimizer finite (a non-finite step would be
+# skipped and cost less); the learning rate does not change the work a step does.
+LEARNING_RATE = 1e-4
+
+
+def configurations() -> dict:
+    """name -> optimizer factory; K-FAC keeps all its defaults but the learning rate."""
+    return {
+        "sgd": lambda: keras.optimizers.SGD(LEARNING_RATE, momentum=0.9),
+        "adam": lambda: keras.optimizers.Adam(LEARNING_RATE),
+        "kfac (defaults)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE),
+        "kfac (stats every step)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE, stats_every=1),
+        "kfac (no stats, no inversions)": lambda: keras_kfac.KFAC(
+            learning_rate=LEARNING_RATE, stats_every=NEVER, inverse_every=NEVER
+        ),
+        "kfac (stats every step, no inversions)": lambda: keras_kfac.KFAC(
+            learning_rate=LEARNING_RATE, stats_every=1, inverse_every=NEVER
+        ),
+    }
+
+
+class Runner:
+    """One model copy + optimizer, stepped one batch at a time through Keras' train function."""
+
+    def __init__(self, model_name, weights, make_optimizer, x, y):
+        self.model = make_model(model_name)
+        self.model.set_weights(weights)
+        self.model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy")
+        dataset = tf.data.Dataset.from_tensors((x, y)).repeat()
+        self.iterator = iter(dataset)
+        self.model.make_train_function()
+        self.function = self.model.train_function
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        logs = self.function(self.iterator)
+        float(logs["loss"])  # wait for the step to finish
+        return time.perf_counter() - start
+
+
+def time_eigh(size: int, repeats: int, jit: bool) -> float:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2 * size, size)).astype("float32")
+    matrix = tf.constant(x.T @ x / (2 * size))
+    fn = tf.function(lambda m: tf.linalg.eigh(m), jit_compile=jit)
+    fn(matrix)[0].numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(matrix)[0].numpy()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def benchmark_model(model_name: str, batch: int, rounds: int, steps: int) -> dict:
+    keras.utils.set_random_seed(0)
+    reference = make_model(model_name)
+    weights = reference.get_weights()
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(size=(batch, 28, 28, 1)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=batch))
+    configs = configurations()
+    inverse_every = keras_kfac.KFAC().inverse_every
+    runners = {name: Runner(model_name, weights, make, x, y) for name, make in configs.items()}
+    for runner in runners.values():  # warm-up: compilation, first statistics and inversion
+        for _ in range(max(3, inverse_every + 2)):
+            runner.step()
+    samples = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            samples[name].extend(runner.step() for _ in range(steps))
+    result = {"model": model_name, "batch": batch, "steps_per_config": rounds * steps, "configs": {}}
+    adam_mean = statistics.fmean(samples["adam"])
+    for name, values in samples.items():
+        q1, median, q3 = np.percentile(values, [25, 50, 75])
+        result["configs"][name] = {
+            "mean_ms": 1e3 * statistics.fmean(values),
+            "median_ms": 1e3 * median,
+            "iqr_ms": 1e3 * (q3 - q1),
+            "ratio_to_adam": statistics.fmean(values) / adam_mean,
+        }
+    for name, runner in runners.items():
+        skipped = getattr(runner.model.optimizer, "skipped_steps", None)
+        if skipped is not None and int(skipped.numpy()):
+            raise RuntimeError(f"{name}: {int(skipped.numpy())} non-finite steps were skipped; timings invalid")
+    # Inversion: one call of the compiled eigendecompositions, as the optimizer runs them.
+    opt = runners["kfac (defaults)"].model.optimizer
+    opt.update_inverses()
+    inv_times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        opt.update_inverses().numpy()
+        inv_times.append(time.perf_counter() - start)
+    inversion_ms = 1e3 * statistics.median(inv_times)
+    c = result["configs"]
+    base = c["kfac (no stats, no inversions)"]["mean_ms"]
+    result["breakdown_ms"] = {
+        "adam step": c["adam"]["mean_ms"],
+        "preconditioning (+ bookkeeping)": base - c["adam"]["mean_ms"],
+        "statistics (per statistics step)": c["kfac (stats every step, no inversions)"]["mean_ms"] - base,
+        "inversion (per call)": inversion_ms,
+        "inversion (amortized over inverse_every)": inversion_ms / inverse_every,
+    }
+    blocks = opt.blocks
+    weights_bytes = sum(4 * b.dim_a * b.dim_g for b in blocks)
+    result["memory_mib"] = {
+        "weights (blocks)": weights_bytes / 2**20,
+        "factors A, G": sum(4 * (b.dim_a**2 + b.dim_g**2) for b in blocks) / 2**20,
+        "eigendecompositions": sum(4 * (b.dim_a**2 + b.dim_a + b.dim_g**2 + b.dim_g) for b in blocks) / 2**20,
+    }
+    fb = forward_backward_flops(reference, batch)
+    result["floor_ratio"] = 1.0 + preconditioning_flops(blocks) / fb
+    result["gflop"] = {"forward+backward": fb / 1e9, "preconditioning": preconditioning_flops(blocks) / 1e9}
+    return result
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def print_report(results: list, eigh: dict, info: dict) -> None:
+    print(
+        f"# step_time.py — {info['date']}, {info['cpu']}, {info['cores']} cores, "
+        f"TF {info['tensorflow']}, Keras {info['keras']}"
+    )
+    for r in results:
+        print(f"\n## {r['model']} at batch {r['batch']} ({r['steps_per_config']} timed steps per configuration)")
+        print(f"{'optimizer':40s} {'mean ms':>9s} {'median ms':>10s} {'IQR ms':>8s} {'x Adam':>7s}")
+        for name, c in r["configs"].items():
+            print(f"{name:40s} {c['mean_ms']:9.2f} {c['median_ms']:10.2f} {c['iqr_ms']:8.2f} {c['ratio_to_adam']:7.2f}")
+        print(f"floor (1 + preconditioning flops / forward-backward flops): {r['floor_ratio']:.2f}x Adam")
+        print("K-FAC breakdown (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_ms"].items()))
+        print("memory (MiB): " + ", ".join(f"{k} {v:.2f}" for k, v in r["memory_mib"].items()))
+    print("\n## eigendecomposition of one factor (median seconds)")
+    for key, value in eigh.items():
+        print(f"{key:40s} {value:8.3f}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=40, help="steps per configuration per round")
+    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--skip-eigh", action="store_true")
+    args = parser.parse_args(argv)
+    sizes = {"mlp": 256, "cnn": 128}
+    results = [benchmark_model(m, sizes[m], args.rounds, args.steps) for m in args.models.split(",")]
+    eigh = {}
+    if not args.skip_eigh:
+        eigh["1024x1024, plain tf.function"] = time_eigh(1024, 5, jit=False)
+        eigh["1024x1024, XLA"] = time_eigh(1024, 2, jit=True)
+        eigh["4096x4096, plain tf.function"] = time_eigh(4096, 2, jit=False)
+    info = machine()
+    print_report(results, eigh, info)
+    out = {"machine": info, "results": results, "eigh_seconds": eigh}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
