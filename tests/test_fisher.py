@@ -16,7 +16,15 @@ def _sampled_g(activation, loss, units=4, labels=None):
     x = rng.normal(size=(M, 3)).astype("float32")
     layer = keras.layers.Dense(units, activation=activation)
     model = keras_kfac.Sequential([keras.Input((3,)), layer])
-    opt = keras_kfac.KFAC(learning_rate=0.0, momentum=0.0, stats_decay=0.999999, inverse_every=10**6, fisher="sampled")
+    opt = keras_kfac.KFAC(
+        learning_rate=0.0,
+        momentum=0.0,
+        stats_decay=0.999999,
+        stats_every=1,
+        stats_batch_size=None,
+        inverse_every=10**6,
+        fisher="sampled",
+    )
     model.compile(optimizer=opt, loss=loss)
     y = labels(rng) if labels else rng.integers(0, units, size=M)
     model.fit(

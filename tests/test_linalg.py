@@ -57,7 +57,17 @@ def test_inversion_options_give_the_same_step(options):
     ]
     expected = ref.mlp_step(x.astype(np.float64), y, params, 0.5, 1e-2, "eigen")
     opt = keras_kfac.KFAC(
-        learning_rate=0.5, momentum=0.0, damping=1e-2, stats_decay=0.0, inverse_every=1, fisher="empirical", **options
+        learning_rate=0.5,
+        momentum=0.0,
+        damping=1e-2,
+        stats_decay=0.0,
+        stats_every=1,
+        stats_batch_size=None,
+        inverse_every=1,
+        fisher="empirical",
+        damping_mode="eigen",
+        graft=None,
+        **options,
     )
     assert opt.inverse_in_xla == (options.get("inverse_jit") is True)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")

@@ -22,6 +22,9 @@ def _kfac(mode, **kwargs):
         inverse_every=1,
         fisher="empirical",
         damping_mode=mode,
+        graft=None,
+        stats_every=1,
+        stats_batch_size=None,
         **kwargs,
     )
 

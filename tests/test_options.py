@@ -37,7 +37,18 @@ def _step(model, before):
 
 
 def _kfac(**kwargs):
-    base = dict(learning_rate=LR, momentum=0.0, damping=DAMPING, stats_decay=0.0, inverse_every=1, fisher="empirical")
+    base = dict(
+        learning_rate=LR,
+        momentum=0.0,
+        damping=DAMPING,
+        stats_decay=0.0,
+        inverse_every=1,
+        fisher="empirical",
+        damping_mode="eigen",
+        graft=None,
+        stats_every=1,
+        stats_batch_size=None,
+    )
     return keras_kfac.KFAC(**{**base, **kwargs})
 
 
@@ -137,7 +148,7 @@ def test_weight_decay_as_keras_does_it():
 def test_statistics_and_inverses_only_on_their_steps():
     x, y = _data(m=32)
     model = _mlp()
-    opt = keras_kfac.KFAC(learning_rate=0.05, stats_every=2, inverse_every=3)
+    opt = keras_kfac.KFAC(learning_rate=0.05, stats_every=2, inverse_every=3, damping_mode="eigen")
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     name = model.layers[0].name
     history = []

@@ -1,0 +1,343 @@
+"""K-FAC vs Adam vs SGD-momentum on Fashion-MNIST with the AlexNet-style CNN.
+
+    python benchmarks/compare_optimizers.py [--batch-sizes 128,1024] [--epochs 5] [--seeds 0,1,2]
+                                            [--sweep-steps 0] [--out benchmarks/results]
+
+For each batch size:
+
+1. **Sweep** (seed 0): every candidate of `SWEEP` trains on the training set minus its last
+   5,000 examples for `--sweep-steps` steps (default: one epoch) and is scored by its accuracy
+   on those 5,000 held-out examples; the test set is never looked at.  The best candidate of
+   each optimizer is kept.
+2. **Runs**: the kept settings train on the full training set for `--epochs` epochs from the
+   same initial weights (per seed) and the same batches, once per seed.  Train loss is recorded
+   every step, test accuracy every `eval_every` steps (on all 10,000 test images), and the
+   wall-clock of the training steps alone (evaluation excluded).
+
+It writes `<out>/compare_b<batch>.json`, three PNG plots per batch size (train loss vs steps,
+test accuracy vs steps, test accuracy vs seconds; mean and min–max band over seeds), and
+prints a table: steps and seconds to 85/88/90% test accuracy, steps to Adam's final training
+loss, final test accuracy, mean step time and its ratio to Adam's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_kfac  # noqa: E402
+from keras_kfac.datasets import load_arrays  # noqa: E402
+from keras_kfac.models import alexnet  # noqa: E402
+
+VALIDATION_SIZE = 5000
+THRESHOLDS = (0.85, 0.88, 0.90)
+SMOOTHING = 50  # steps in the moving average used to compare training losses
+
+# Candidates per optimizer: name -> list of keyword dicts.  K-FAC's grid covers the levers the
+# issue names (grafting, damping, statistics subsample and periods) around the prototype's
+# best settings; the first Adam/SGD entries are Keras' usual defaults.
+SWEEP = {
+    "adam": [{"learning_rate": lr} for lr in (3e-4, 1e-3, 3e-3)],
+    "sgd": [{"learning_rate": lr} for lr in (0.01, 0.03, 0.1)],
+    "kfac": [
+        {},  # the package defaults
+        {"learning_rate": 3e-3},
+        {"learning_rate": 3e-4},
+        {"damping": 1e-3},
+    ],
+}
+
+
+def make_optimizer(kind: str, settings: dict):
+    if kind == "adam":
+        return keras.optimizers.Adam(**settings)
+    if kind == "sgd":
+        return keras.optimizers.SGD(momentum=0.9, **settings)
+    return keras_kfac.KFAC(**settings)
+
+
+def batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
+    """Shuffled (seeded, reshuffled each epoch), scaled, full batches only."""
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=True).map(lambda a, b: (tf.cast(a, tf.float32) / 255.0, b))
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Per-step train loss (recovered from Keras' running mean), step time, periodic evaluation."""
+
+    def __init__(self, eval_every: int, eval_data, max_steps: int | None = None):
+        super().__init__()
+        self.eval_every = eval_every
+        self.eval_data = eval_data
+        self.max_steps = max_steps
+        self.losses, self.step_seconds, self.evals = [], [], []
+        self._running = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._running = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        mean = float(logs["loss"])  # forces the step to finish
+        self.step_seconds.append(time.perf_counter() - self._start)
+        k = batch + 1
+        self.losses.append(k * mean - (k - 1) * self._running)
+        self._running = mean
+        step = len(self.losses)
+        if self.eval_data is not None and step % self.eval_every == 0:
+            self.evaluate(step)
+        if self.max_steps is not None and step >= self.max_steps:
+            self.model.stop_training = True
+
+    def evaluate(self, step):
+        x, y = self.eval_data
+        _, accuracy = self.model.evaluate(x, y, batch_size=1000, verbose=0)
+        self.evals.append({"step": step, "seconds": float(np.sum(self.step_seconds)), "accuracy": float(accuracy)})
+
+
+def train(kind, settings, weights, data, batch_size, seed, epochs, eval_every, eval_data, max_steps=None):
+    keras.utils.set_random_seed(seed)
+    model = alexnet()
+    model.set_weights(weights)
+    model.compile(
+        optimizer=make_optimizer(kind, settings), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    recorder = Recorder(eval_every, eval_data, max_steps)
+    x, y = data
+    model.fit(batches(x, y, batch_size, seed), epochs=epochs, verbose=0, callbacks=[recorder])
+    if eval_data is not None and (not recorder.evals or recorder.evals[-1]["step"] != len(recorder.losses)):
+        recorder.evaluate(len(recorder.losses))
+    skipped = int(model.optimizer.skipped_steps.numpy()) if hasattr(model.optimizer, "skipped_steps") else 0
+    return {
+        "kind": kind,
+        "settings": settings,
+        "seed": seed,
+        "losses": recorder.losses,
+        "step_seconds": recorder.step_seconds,
+        "evals": recorder.evals,
+        "skipped_steps": skipped,
+    }
+
+
+def initial_weights(seed: int):
+    keras.utils.set_random_seed(seed)
+    return alexnet().get_weights()
+
+
+def sweep(train_arrays, batch_size: int, steps: int) -> dict:
+    (x, y) = train_arrays
+    fit_data = (x[:-VALIDATION_SIZE], y[:-VALIDATION_SIZE])
+    val = (x[-VALIDATION_SIZE:].astype("float32") / 255.0, y[-VALIDATION_SIZE:])
+    weights = initial_weights(0)
+    results = {}
+    for kind, candidates in SWEEP.items():
+        scored = []
+        for settings in candidates:
+            run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps)
+            accuracy = run["evals"][-1]["accuracy"]
+            scored.append({"settings": settings, "val_accuracy": accuracy, "skipped_steps": run["skipped_steps"]})
+            print(f"  sweep b{batch_size} {kind} {settings}: val accuracy {accuracy:.4f}", flush=True)
+        best = max(scored, key=lambda s: s["val_accuracy"])
+        results[kind] = {"candidates": scored, "best": best["settings"]}
+    return results
+
+
+def smoothed(values, window=SMOOTHING):
+    values = np.asarray(values, dtype=np.float64)
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def first_step(curve_steps, curve_values, target):
+    for step, value in zip(curve_steps, curve_values):
+        if value >= target:
+            return step
+    return None
+
+
+def summarize(runs: dict) -> dict:
+    """Per optimizer: mean over seeds of each table entry (None when a seed never got there)."""
+    adam_final_loss = statistics.fmean(smoothed(r["losses"])[-1] for r in runs["adam"])
+    best_adam_accuracy = statistics.fmean(r["evals"][-1]["accuracy"] for r in runs["adam"])
+    adam_step = statistics.fmean(statistics.fmean(r["step_seconds"][5:]) for r in runs["adam"])
+    table = {}
+    for kind, seeds in runs.items():
+        row = {}
+        for threshold in (*THRESHOLDS, "adam_final"):
+            target = best_adam_accuracy if threshold == "adam_final" else threshold
+            steps, seconds = [], []
+            for r in seeds:
+                step = first_step([e["step"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], target - 1e-9)
+                steps.append(step)
+                seconds.append(None if step is None else next(e["seconds"] for e in r["evals"] if e["step"] == step))
+            key = f"{threshold:.2f}" if threshold != "adam_final" else "adam_final_accuracy"
+            row[f"steps_to_{key}"] = None if None in steps else statistics.fmean(steps)
+            row[f"seconds_to_{key}"] = None if None in seconds else statistics.fmean(seconds)
+        loss_steps = []
+        for r in seeds:
+            curve = smoothed(r["losses"])
+            hit = np.nonzero(curve <= adam_final_loss)[0]
+            loss_steps.append(None if len(hit) == 0 else int(hit[0]) + SMOOTHING)
+        row["steps_to_adam_final_loss"] = None if None in loss_steps else statistics.fmean(loss_steps)
+        row["final_test_accuracy"] = statistics.fmean(r["evals"][-1]["accuracy"] for r in seeds)
+        row["final_train_loss"] = statistics.fmean(smoothed(r["losses"])[-1] for r in seeds)
+        row["mean_step_ms"] = 1e3 * statistics.fmean(statistics.fmean(r["step_seconds"][5:]) for r in seeds)
+        row["step_ratio_to_adam"] = row["mean_step_ms"] / (1e3 * adam_step)
+        row["skipped_steps"] = sum(r["skipped_steps"] for r in seeds)
+        table[kind] = row
+    table["_adam_final_accuracy"] = best_adam_accuracy
+    table["_adam_final_loss"] = adam_final_loss
+    return table
+
+
+def fmt(value, digits=0):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+def print_table(batch_size: int, table: dict, seeds) -> str:
+    lines = [
+        f"### Batch {batch_size} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean over seeds)",
+        "",
+        "| optimizer | steps to 85% | s to 85% | steps to 88% | s to 88% | steps to 90% | s to 90% "
+        f"| steps to Adam's final acc. ({table['_adam_final_accuracy']:.4f}) | s to it "
+        f"| steps to Adam's final loss ({table['_adam_final_loss']:.3f}) | final test acc. | step ms | x Adam |",
+        "|---|" + "---|" * 12,
+    ]
+    for kind in ("kfac", "adam", "sgd"):
+        r = table[kind]
+        lines.append(
+            f"| {kind} | {fmt(r['steps_to_0.85'])} | {fmt(r['seconds_to_0.85'])} | {fmt(r['steps_to_0.88'])} "
+            f"| {fmt(r['seconds_to_0.88'])} | {fmt(r['steps_to_0.90'])} | {fmt(r['seconds_to_0.90'])} "
+            f"| {fmt(r['steps_to_adam_final_accuracy'])} | {fmt(r['seconds_to_adam_final_accuracy'])} "
+            f"| {fmt(r['steps_to_adam_final_loss'])} | {r['final_test_accuracy']:.4f} | {r['mean_step_ms']:.1f} "
+            f"| {r['step_ratio_to_adam']:.2f} |"
+        )
+    text = "\n".join(lines)
+    print(text, flush=True)
+    return text
+
+
+def plot(batch_size: int, runs: dict, out: str) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    colors = {"kfac": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
+    panels = [
+        ("train_loss_vs_steps", "step", "train loss (50-step moving average)"),
+        ("test_accuracy_vs_steps", "step", "test accuracy"),
+        ("test_accuracy_vs_seconds", "training seconds", "test accuracy"),
+    ]
+    for name, xlabel, ylabel in panels:
+        fig, ax = plt.subplots(figsize=(5, 3.4), dpi=100)
+        for kind, seeds in runs.items():
+            if name == "train_loss_vs_steps":
+                curves = [smoothed(r["losses"]) for r in seeds]
+                n = min(len(c) for c in curves)
+                xs = np.arange(n) + SMOOTHING
+                ys = np.array([c[:n] for c in curves])
+            else:
+                n = min(len(r["evals"]) for r in seeds)
+                key = "step" if name.endswith("steps") else "seconds"
+                xs = np.mean([[e[key] for e in r["evals"][:n]] for r in seeds], axis=0)
+                ys = np.array([[e["accuracy"] for e in r["evals"][:n]] for r in seeds])
+            ax.plot(xs, ys.mean(axis=0), color=colors[kind], label=kind)
+            if len(seeds) > 1:
+                ax.fill_between(xs, ys.min(axis=0), ys.max(axis=0), color=colors[kind], alpha=0.2)
+        if name == "train_loss_vs_steps":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(0.7, 0.95)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"Fashion-MNIST, AlexNet-style CNN, batch {batch_size}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out, f"b{batch_size}_{name}.png")
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="128,1024")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep candidate (0: one epoch)")
+    parser.add_argument("--no-sweep", action="store_true", help="use the first candidate of each optimizer")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
+    test = (x_test.astype("float32") / 255.0, y_test)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"# compare_optimizers.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        steps_per_epoch = len(x_train) // batch_size
+        eval_every = max(1, steps_per_epoch // 10)
+        if args.no_sweep:
+            chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
+        else:
+            sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
+            chosen = sweep((x_train, y_train), batch_size, sweep_steps)
+        runs = {kind: [] for kind in ("kfac", "adam", "sgd")}
+        for seed in seeds:
+            weights = initial_weights(seed)
+            for kind in runs:
+                run = train(
+                    kind,
+                    chosen[kind]["best"],
+                    weights,
+                    (x_train, y_train),
+                    batch_size,
+                    seed,
+                    args.epochs,
+                    eval_every,
+                    test,
+                )
+                runs[kind].append(run)
+                print(
+                    f"  b{batch_size} seed {seed} {kind}: final test accuracy {run['evals'][-1]['accuracy']:.4f}, "
+                    f"{statistics.fmean(run['step_seconds'][5:]) * 1e3:.1f} ms/step",
+                    flush=True,
+                )
+        table = summarize(runs)
+        text = print_table(batch_size, table, seeds)
+        plots = plot(batch_size, runs, args.out)
+        with open(os.path.join(args.out, f"compare_b{batch_size}.json"), "w") as f:
+            json.dump(
+                {
+                    "argv": sys.argv[1:],
+                    "sweep": chosen,
+                    "table": table,
+                    "table_markdown": text,
+                    "plots": plots,
+                    "runs": runs,
+                },
+                f,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Train the AlexNet-style CNN on Fashion-MNIST with K-FAC (default), Adam or SGD.
+
+    python examples/fashion_mnist.py [--optimizer kfac|adam|sgd] [--epochs 5] [--batch-size 128]
+                                     [--data-dir DIR] [--seed 0]
+
+K-FAC runs with `keras_kfac.KFAC()` and no arguments: the package defaults are the settings
+that `benchmarks/compare_optimizers.py` found best for this model.  Adam and SGD (momentum 0.9)
+use the learning rates that the same sweep chose.  The data come from tensorflow-datasets when
+it can download, else from the official IDX files (see `keras_kfac.datasets`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+import keras_kfac  # noqa: E402
+from keras_kfac.datasets import fashion_mnist  # noqa: E402
+from keras_kfac.models import alexnet  # noqa: E402
+
+# Learning rates chosen by the validation sweep of benchmarks/compare_optimizers.py (batch 128).
+ADAM_LEARNING_RATE = 1e-3
+SGD_LEARNING_RATE = 0.03
+
+
+def make_optimizer(name: str) -> keras.optimizers.Optimizer:
+    if name == "kfac":
+        return keras_kfac.KFAC()
+    if name == "adam":
+        return keras.optimizers.Adam(ADAM_LEARNING_RATE)
+    if name == "sgd":
+        return keras.optimizers.SGD(SGD_LEARNING_RATE, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optimizer", choices=["kfac", "adam", "sgd"], default="kfac")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--data-dir", default=None, help="folder with the four official IDX .gz files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps-per-epoch", type=int, default=None, help="shorten each epoch (for smoke tests)")
+    parser.add_argument("--test-examples", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
+    args = parser.parse_args(argv)
+
+    keras.utils.set_random_seed(args.seed)
+    train, test = fashion_mnist(args.batch_size, data_dir=args.data_dir, shuffle_seed=args.seed)
+    if args.test_examples:
+        test = test.unbatch().take(args.test_examples).batch(args.batch_size)
+    model = alexnet()
+    model.compile(
+        optimizer=make_optimizer(args.optimizer),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    if args.optimizer == "kfac":
+        model.kfac_summary()
+    history = model.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, verbose=args.verbose)
+    loss, accuracy = model.evaluate(test, verbose=0)
+    print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f} ({args.optimizer}, {args.epochs} epochs)")
+    return {"test_loss": loss, "test_accuracy": accuracy, "history": history.history}
+
+
+if __name__ == "__main__":
+    main()

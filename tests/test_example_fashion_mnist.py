@@ -1,0 +1,38 @@
+"""End to end: the Fashion-MNIST example for a few dozen K-FAC steps on the real data."""
+
+import importlib.util
+import os
+
+import pytest
+
+from keras_kfac.datasets import DatasetNotFoundError, load_arrays
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _data_dir():
+    for candidate in (os.path.join(ROOT, "..", "shared", "data", "fashion_mnist"), "/usr/share/datasets/fashion-mnist"):
+        if os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def test_example_trains_on_a_slice_of_fashion_mnist(monkeypatch):
+    monkeypatch.setenv("KERAS_KFAC_NO_TFDS", "1")
+    data_dir = _data_dir()
+    try:
+        load_arrays("fashion_mnist", data_dir)
+    except DatasetNotFoundError as error:
+        pytest.skip(f"Fashion-MNIST not found (install it with `apt-get install dataset-fashion-mnist`): {error}")
+    spec = importlib.util.spec_from_file_location(
+        "fashion_mnist_example", os.path.join(ROOT, "examples", "fashion_mnist.py")
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = ["--epochs", "2", "--steps-per-epoch", "20", "--test-examples", "2000", "--verbose", "0"]
+    if data_dir:
+        args += ["--data-dir", data_dir]
+    result = example.main(args)
+    losses = result["history"]["loss"]
+    assert losses[1] < losses[0]
+    assert result["test_accuracy"] > 0.5  # chance is 0.1
