@@ -52,8 +52,8 @@ SWEEP = {
     "kfac": [
         {},  # the package defaults
         {"learning_rate": 3e-3},
-        {"learning_rate": 3e-4},
         {"damping": 1e-3},
+        {"stats_every": 5, "inverse_every": 20},
     ],
 }
 
@@ -155,8 +155,14 @@ def sweep(train_arrays, batch_size: int, steps: int) -> dict:
     return results
 
 
-def smoothed(values, window=SMOOTHING):
+def window_for(count: int) -> int:
+    return max(1, min(SMOOTHING, count // 5))
+
+
+def smoothed(values):
+    """Moving average; entry i covers steps i+1 .. i+window."""
     values = np.asarray(values, dtype=np.float64)
+    window = window_for(len(values))
     kernel = np.ones(window) / window
     return np.convolve(values, kernel, mode="valid")
 
@@ -190,7 +196,7 @@ def summarize(runs: dict) -> dict:
         for r in seeds:
             curve = smoothed(r["losses"])
             hit = np.nonzero(curve <= adam_final_loss)[0]
-            loss_steps.append(None if len(hit) == 0 else int(hit[0]) + SMOOTHING)
+            loss_steps.append(None if len(hit) == 0 else int(hit[0]) + window_for(len(r["losses"])))
         row["steps_to_adam_final_loss"] = None if None in loss_steps else statistics.fmean(loss_steps)
         row["final_test_accuracy"] = statistics.fmean(r["evals"][-1]["accuracy"] for r in seeds)
         row["final_train_loss"] = statistics.fmean(smoothed(r["losses"])[-1] for r in seeds)
@@ -251,7 +257,7 @@ def plot(batch_size: int, runs: dict, out: str) -> list:
             if name == "train_loss_vs_steps":
                 curves = [smoothed(r["losses"]) for r in seeds]
                 n = min(len(c) for c in curves)
-                xs = np.arange(n) + SMOOTHING
+                xs = np.arange(n) + window_for(len(seeds[0]["losses"]))
                 ys = np.array([c[:n] for c in curves])
             else:
                 n = min(len(r["evals"]) for r in seeds)
@@ -287,6 +293,7 @@ def main(argv=None):
     parser.add_argument("--no-sweep", action="store_true", help="use the first candidate of each optimizer")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (smoke tests)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
@@ -296,6 +303,8 @@ def main(argv=None):
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         steps_per_epoch = len(x_train) // batch_size
         eval_every = max(1, steps_per_epoch // 10)
+        if args.max_steps:
+            eval_every = min(eval_every, max(1, args.max_steps // 3))
         if args.no_sweep:
             chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
         else:
@@ -315,6 +324,7 @@ def main(argv=None):
                     args.epochs,
                     eval_every,
                     test,
+                    max_steps=args.max_steps,
                 )
                 runs[kind].append(run)
                 print(

@@ -105,7 +105,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping=1e-4,
         stats_decay=0.95,
         stats_every=10,
-        inverse_every=20,
+        inverse_every=50,
         fisher="sampled",
         damping_mode="factored",
         kl_clip=None,
