@@ -73,6 +73,11 @@ def batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def training_seconds(step_seconds, step: int) -> float:
+    """Training time up to `step`, without the first step (one-time tracing and compilation)."""
+    return float(np.sum(step_seconds[1:step]))
+
+
 class Recorder(keras.callbacks.Callback):
     """Per-step train loss (recovered from Keras' running mean), step time, periodic evaluation."""
 
@@ -103,9 +108,16 @@ class Recorder(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def evaluate(self, step):
+        # `evaluate` resets the metrics that `fit` is accumulating (the loss tracker among
+        # them); restore them so the running mean, hence the per-step loss, stays right.
+        saved = [v.numpy() for v in self.model.metrics_variables]
         x, y = self.eval_data
         _, accuracy = self.model.evaluate(x, y, batch_size=1000, verbose=0)
-        self.evals.append({"step": step, "seconds": float(np.sum(self.step_seconds)), "accuracy": float(accuracy)})
+        for variable, value in zip(self.model.metrics_variables, saved):
+            variable.assign(value)
+        self.evals.append(
+            {"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": float(accuracy)}
+        )
 
 
 def train(kind, settings, weights, data, batch_size, seed, epochs, eval_every, eval_data, max_steps=None):
@@ -294,7 +306,18 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (smoke tests)")
+    parser.add_argument("--from-json", action="store_true", help="only re-print the tables of the runs saved in --out")
     args = parser.parse_args(argv)
+    if args.from_json:
+        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+            with open(os.path.join(args.out, f"compare_b{batch_size}.json")) as f:
+                saved = json.load(f)
+            for seeds in saved["runs"].values():
+                for run in seeds:
+                    for e in run["evals"]:
+                        e["seconds"] = training_seconds(run["step_seconds"], e["step"])
+            print_table(batch_size, summarize(saved["runs"]), sorted({r["seed"] for r in saved["runs"]["adam"]}))
+        return
     os.makedirs(args.out, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
     test = (x_test.astype("float32") / 255.0, y_test)

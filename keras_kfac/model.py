@@ -128,20 +128,29 @@ class KFACTrainStep:
         return text
 
     # ------------------------------------------------------------------ the train step
-    def _kfac_loss_specs(self, count: int):
+    def _kfac_loss_specs(self, y_pred) -> list:
+        """One `fisher.LossSpec` per output, in the order of `keras.tree.flatten(y_pred)`."""
         if self._kfac_specs is None:
             loss, loss_weights = self._kfac_loss
-            names = list(getattr(self, "output_names", None) or [f"output_{i}" for i in range(count)])
-            self._kfac_specs = fisher_lib.loss_specs(loss, loss_weights, names[:count])
+            count = len(keras.tree.flatten(y_pred))
+            if isinstance(y_pred, dict):
+                names = sorted(y_pred)  # keras.tree.flatten orders a dict by its keys
+            else:
+                names = list(getattr(self, "output_names", None) or [])
+                if len(names) != count:
+                    names = [f"output_{i}" for i in range(count)]
+            self._kfac_specs = fisher_lib.loss_specs(loss, loss_weights, names)
         return self._kfac_specs
 
-    def _kfac_forward_backward(self, x, y, sample_weight):
-        """Forward pass, loss, gradients, recorded inputs and the statistics gradients g."""
+    def _kfac_forward_backward(self, x, y, sample_weight, deferred=False):
+        """Forward pass, loss, gradients, recorded inputs and the statistics gradients g.
+
+        With `deferred` (not inside an XLA-compiled forward) the sampled-target backward pass
+        is returned as a function that the optimizer calls on statistics steps only; otherwise
+        it runs under `tf.cond` here and other steps return zeros.
+        """
         opt = _kfac_optimizer(self.optimizer)
         sampled = opt.fisher == "sampled"
-        if sampled:
-            # Resolve the loss now so that an unsupported one fails before training starts.
-            self._kfac_loss_specs(len(keras.tree.flatten(self.outputs)) if hasattr(self, "outputs") else 1)
         with capture(opt.blocks) as record:
             with tf.GradientTape(persistent=sampled) as tape:
                 if self._call_has_training_arg:
@@ -163,10 +172,10 @@ class KFACTrainStep:
             ]
         else:
             grads = tape.gradient(scaled_loss, variables)
+            specs = self._kfac_loss_specs(y_pred)  # an unsupported loss fails here, at the first step
 
             def sampled_grads():
                 outputs = keras.tree.flatten(y_pred)
-                specs = self._kfac_loss_specs(len(outputs))
                 seed = opt.sampling_seed()
                 output_grads = [
                     tf.cast(
@@ -180,13 +189,14 @@ class KFACTrainStep:
                     tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) for g, p in zip(gs, preacts)
                 ]
 
+            if deferred:
+                return y_pred, loss, grads, record.inputs, lambda: record.unflatten(sampled_grads()), num_examples
             if preacts:
                 zeros = lambda: [tf.zeros_like(p, tf.float32) for p in preacts]  # noqa: E731
                 stats_grads = tf.cond(opt.due(opt.stats_every), sampled_grads, zeros)
                 stats_grads = list(stats_grads) if isinstance(stats_grads, (list, tuple)) else [stats_grads]
             else:
                 stats_grads = []
-            del tape
         return y_pred, loss, grads, record.inputs, record.unflatten(stats_grads), num_examples
 
     def train_step(self, data):
@@ -198,14 +208,19 @@ class KFACTrainStep:
             # step; K-FAC needs its blocks (hence a built model) before the forward pass.
             self._symbolic_build(data_batch=data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        forward = self._kfac_forward_backward
         if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
             if self._kfac_forward_fn is None:
-                self._kfac_forward_fn = tf.function(forward, jit_compile=True, reduce_retracing=True)
-            forward = self._kfac_forward_fn
-        y_pred, loss, grads, inputs, stats_grads, num_examples = forward(x, y, sample_weight)
+                self._kfac_forward_fn = tf.function(
+                    self._kfac_forward_backward, jit_compile=True, reduce_retracing=True
+                )
+            y_pred, loss, grads, inputs, stats_grads, num_examples = self._kfac_forward_fn(x, y, sample_weight)
+        else:
+            y_pred, loss, grads, inputs, stats_grads, num_examples = self._kfac_forward_backward(
+                x, y, sample_weight, deferred=True
+            )
+        stats_fn = stats_grads if callable(stats_grads) else (lambda: stats_grads)
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
-        opt.kfac_step(grads, self.trainable_weights, loss, inputs, lambda: stats_grads, num_examples)
+        opt.kfac_step(grads, self.trainable_weights, loss, inputs, stats_fn, num_examples)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["skipped_steps"] = tf.identity(opt.skipped_steps.value)
         return logs
