@@ -317,6 +317,7 @@ def main(argv=None):
                     for e in run["evals"]:
                         e["seconds"] = training_seconds(run["step_seconds"], e["step"])
             print_table(batch_size, summarize(saved["runs"]), sorted({r["seed"] for r in saved["runs"]["adam"]}))
+            plot(batch_size, saved["runs"], args.out)
         return
     os.makedirs(args.out, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
