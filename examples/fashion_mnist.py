@@ -23,7 +23,7 @@ from keras_kfac.datasets import fashion_mnist  # noqa: E402
 from keras_kfac.models import alexnet  # noqa: E402
 
 # Learning rates chosen by the validation sweep of benchmarks/compare_optimizers.py (batch 128).
-ADAM_LEARNING_RATE = 1e-3
+ADAM_LEARNING_RATE = 3e-3
 SGD_LEARNING_RATE = 0.03
 
 
