@@ -47,6 +47,15 @@ def discover_blocks(model) -> tuple[list, list]:
     return blocks, others
 
 
+def _float32_grads(grads, preacts, scale=None) -> list:
+    """float32 copies of the pre-activation gradients (zeros where a call did not reach the loss)."""
+    out = []
+    for g, p in zip(grads, preacts):
+        g = tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32)
+        out.append(g if scale is None else g * scale)
+    return out
+
+
 def _kfac_optimizer(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner if isinstance(inner, KFAC) else None
@@ -145,9 +154,9 @@ class KFACTrainStep:
     def _kfac_forward_backward(self, x, y, sample_weight, deferred=False):
         """Forward pass, loss, gradients, recorded inputs and the statistics gradients g.
 
-        With `deferred` (not inside an XLA-compiled forward) the sampled-target backward pass
-        is returned as a function that the optimizer calls on statistics steps only; otherwise
-        it runs under `tf.cond` here and other steps return zeros.
+        With `deferred` (not inside an XLA-compiled forward) the statistics gradients are
+        returned as a function that the optimizer calls on statistics steps only; otherwise the
+        sampled-target backward pass runs under `tf.cond` here and other steps return zeros.
         """
         opt = _kfac_optimizer(self.optimizer)
         sampled = opt.fisher == "sampled"
@@ -166,10 +175,13 @@ class KFACTrainStep:
             both = tape.gradient(scaled_loss, variables + preacts)
             grads = both[: len(variables)]
             scale = tf.cast(num_examples, tf.float32) / float(opt.loss_scale_factor or 1.0)
-            stats_grads = [
-                tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) * scale
-                for g, p in zip(both[len(variables) :], preacts)
-            ]
+
+            def empirical_grads():  # per-example g: m × ∂(batch loss)/∂(pre-activation)
+                return _float32_grads(both[len(variables) :], preacts, scale)
+
+            if deferred:
+                return y_pred, loss, grads, record.inputs, lambda: record.unflatten(empirical_grads()), num_examples
+            stats_grads = empirical_grads()
         else:
             grads = tape.gradient(scaled_loss, variables)
             specs = self._kfac_loss_specs(y_pred)  # an unsupported loss fails here, at the first step
@@ -184,10 +196,7 @@ class KFACTrainStep:
                     )
                     for i, (spec, out) in enumerate(zip(specs, outputs))
                 ]
-                gs = tape.gradient(outputs, preacts, output_gradients=output_grads)
-                return [
-                    tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32) for g, p in zip(gs, preacts)
-                ]
+                return _float32_grads(tape.gradient(outputs, preacts, output_gradients=output_grads), preacts)
 
             if deferred:
                 return y_pred, loss, grads, record.inputs, lambda: record.unflatten(sampled_grads()), num_examples
