@@ -347,13 +347,10 @@ class KFAC(keras.optimizers.Optimizer):
         damping = self.damping
         for (a, g), state in zip(self._state.factors, self._state.inverses):
             if self.damping_mode == "eigen":
-                ea, qa, eg, qg = state
-                values, vectors = linalg.symmetric_eigh(a, dtype)
-                ea.assign(values)
-                qa.assign(vectors)
-                values, vectors = linalg.symmetric_eigh(g, dtype)
-                eg.assign(values)
-                qg.assign(vectors)
+                for factor, eigenvalues, eigenvectors in ((a, *state[:2]), (g, *state[2:])):
+                    values, vectors = linalg.symmetric_eigh(factor, dtype)
+                    eigenvalues.assign(values)
+                    eigenvectors.assign(vectors)
             else:
                 inv_a, inv_g = state
                 new_a, new_g, ok = linalg.factored_inverses(a, g, damping, dtype)
