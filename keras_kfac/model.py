@@ -151,21 +151,50 @@ class KFACTrainStep:
             self._kfac_specs = fisher_lib.loss_specs(loss, loss_weights, names)
         return self._kfac_specs
 
-    def _kfac_forward_backward(self, x, y, sample_weight, deferred=False):
-        """Forward pass, loss, gradients, recorded inputs and the statistics gradients g.
+    def _kfac_call(self, x):
+        return self(x, training=True) if self._call_has_training_arg else self(x)
 
-        With `deferred` (not inside an XLA-compiled forward) the statistics gradients are
-        returned as a function that the optimizer calls on statistics steps only; otherwise the
+    def _kfac_sampled_grads(self, y_pred, preacts, tape, specs) -> list:
+        """g for targets drawn from the model's predictive distribution (the true Fisher)."""
+        opt = _kfac_optimizer(self.optimizer)
+        outputs = keras.tree.flatten(y_pred)
+        seed = opt.sampling_seed()
+        output_grads = [
+            tf.cast(
+                fisher_lib.sampled_output_grads(spec, out, tf.random.experimental.stateless_fold_in(seed, i)),
+                out.dtype,
+            )
+            for i, (spec, out) in enumerate(zip(specs, outputs))
+        ]
+        return _float32_grads(tape.gradient(outputs, preacts, output_gradients=output_grads), preacts)
+
+    def _kfac_subset_statistics(self, x, specs):
+        """Statistics from a forward and backward pass of the first `stats_batch_size` examples
+        alone: cheaper than a sampled-target backward pass through the whole batch."""
+        opt = _kfac_optimizer(self.optimizer)
+        k = opt.stats_batch_size
+        x_k = keras.tree.map_structure(lambda t: t[:k], x)
+        with capture(opt.blocks) as record:
+            with tf.GradientTape() as tape:
+                y_k = self._kfac_call(x_k)
+        preacts = record.flat_preactivations()
+        grads = self._kfac_sampled_grads(y_k, preacts, tape, specs)
+        return record.inputs, record.unflatten(grads), tf.shape(keras.tree.flatten(x_k)[0])[0]
+
+    def _kfac_forward_backward(self, x, y, sample_weight, deferred=False):
+        """Forward pass, loss, gradients, and the statistics (layer inputs, g, example count).
+
+        With `deferred` (not inside an XLA-compiled forward) the statistics are returned as a
+        function that the optimizer calls on statistics steps only; otherwise the
         sampled-target backward pass runs under `tf.cond` here and other steps return zeros.
         """
         opt = _kfac_optimizer(self.optimizer)
         sampled = opt.fisher == "sampled"
+        # A separate small forward pass for the statistics, when it is cheaper and harmless.
+        subset = sampled and deferred and opt.stats_batch_size is not None and not self.non_trainable_weights
         with capture(opt.blocks) as record:
-            with tf.GradientTape(persistent=sampled) as tape:
-                if self._call_has_training_arg:
-                    y_pred = self(x, training=True)
-                else:
-                    y_pred = self(x)
+            with tf.GradientTape(persistent=sampled and not subset) as tape:
+                y_pred = self._kfac_call(x)
                 loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
                 scaled_loss = opt.scale_loss(loss)
         variables = self.trainable_weights
@@ -176,37 +205,34 @@ class KFACTrainStep:
             grads = both[: len(variables)]
             scale = tf.cast(num_examples, tf.float32) / float(opt.loss_scale_factor or 1.0)
 
-            def empirical_grads():  # per-example g: m × ∂(batch loss)/∂(pre-activation)
-                return _float32_grads(both[len(variables) :], preacts, scale)
+            def empirical_statistics():  # per-example g: m × ∂(batch loss)/∂(pre-activation)
+                g = _float32_grads(both[len(variables) :], preacts, scale)
+                return record.inputs, record.unflatten(g), num_examples
 
             if deferred:
-                return y_pred, loss, grads, record.inputs, lambda: record.unflatten(empirical_grads()), num_examples
-            stats_grads = empirical_grads()
+                return y_pred, loss, grads, empirical_statistics
+            statistics = empirical_statistics()
         else:
             grads = tape.gradient(scaled_loss, variables)
             specs = self._kfac_loss_specs(y_pred)  # an unsupported loss fails here, at the first step
 
-            def sampled_grads():
-                outputs = keras.tree.flatten(y_pred)
-                seed = opt.sampling_seed()
-                output_grads = [
-                    tf.cast(
-                        fisher_lib.sampled_output_grads(spec, out, tf.random.experimental.stateless_fold_in(seed, i)),
-                        out.dtype,
-                    )
-                    for i, (spec, out) in enumerate(zip(specs, outputs))
-                ]
-                return _float32_grads(tape.gradient(outputs, preacts, output_gradients=output_grads), preacts)
+            def sampled_statistics():
+                if subset:
+                    return self._kfac_subset_statistics(x, specs)
+                g = self._kfac_sampled_grads(y_pred, preacts, tape, specs)
+                return record.inputs, record.unflatten(g), num_examples
 
             if deferred:
-                return y_pred, loss, grads, record.inputs, lambda: record.unflatten(sampled_grads()), num_examples
+                return y_pred, loss, grads, sampled_statistics
             if preacts:
                 zeros = lambda: [tf.zeros_like(p, tf.float32) for p in preacts]  # noqa: E731
-                stats_grads = tf.cond(opt.due(opt.stats_every), sampled_grads, zeros)
-                stats_grads = list(stats_grads) if isinstance(stats_grads, (list, tuple)) else [stats_grads]
+                due = opt.due(opt.stats_every)
+                g = tf.cond(due, lambda: self._kfac_sampled_grads(y_pred, preacts, tape, specs), zeros)
+                g = list(g) if isinstance(g, (list, tuple)) else [g]
             else:
-                stats_grads = []
-        return y_pred, loss, grads, record.inputs, record.unflatten(stats_grads), num_examples
+                g = []
+            statistics = (record.inputs, record.unflatten(g), num_examples)
+        return y_pred, loss, grads, statistics
 
     def train_step(self, data):
         opt = _kfac_optimizer(getattr(self, "optimizer", None))
@@ -222,14 +248,13 @@ class KFACTrainStep:
                 self._kfac_forward_fn = tf.function(
                     self._kfac_forward_backward, jit_compile=True, reduce_retracing=True
                 )
-            y_pred, loss, grads, inputs, stats_grads, num_examples = self._kfac_forward_fn(x, y, sample_weight)
+            y_pred, loss, grads, statistics = self._kfac_forward_fn(x, y, sample_weight)
         else:
-            y_pred, loss, grads, inputs, stats_grads, num_examples = self._kfac_forward_backward(
-                x, y, sample_weight, deferred=True
-            )
-        stats_fn = stats_grads if callable(stats_grads) else (lambda: stats_grads)
+            y_pred, loss, grads, statistics = self._kfac_forward_backward(x, y, sample_weight, deferred=True)
+        statistics_fn = statistics if callable(statistics) else (lambda: statistics)
+        num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
-        opt.kfac_step(grads, self.trainable_weights, loss, inputs, stats_fn, num_examples)
+        opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["skipped_steps"] = tf.identity(opt.skipped_steps.value)
         return logs

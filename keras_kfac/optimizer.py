@@ -87,7 +87,12 @@ class KFAC(keras.optimizers.Optimizer):
         adapt_damping: Levenberg–Marquardt damping (not implemented yet).
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
             of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
-        stats_batch_size: compute the statistics from the first k examples of each batch.
+        stats_batch_size: compute the statistics from the first k examples of each batch
+            (with the sampled Fisher, through a forward and backward pass of those k
+            examples alone on statistics steps, unless the model has moving statistics such
+            as BatchNormalization's, which a second forward pass would update twice).
+        stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
+            output locations per example (None: all of them); G always uses all.
         fallback: Keras optimizer (instance, name or config) for variables without a block;
             default SGD with this optimizer's learning rate and momentum.
         inverse_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
@@ -112,6 +117,7 @@ class KFAC(keras.optimizers.Optimizer):
         adapt_damping=False,
         graft="adam",
         stats_batch_size=32,
+        stats_locations=None,
         fallback=None,
         inverse_jit="auto",
         inverse_dtype="float32",
@@ -144,6 +150,8 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(f"`graft` must be one of {GRAFT_TYPES}; received graft={graft!r}.")
         if stats_batch_size is not None:
             _check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
+        if stats_locations is not None:
+            _check_number("stats_locations", stats_locations, low=1, integer=True)
         if inverse_jit not in ("auto", True, False):
             raise ValueError(f"`inverse_jit` must be 'auto', True or False; received inverse_jit={inverse_jit!r}.")
         if statistics_jit not in ("auto", True, False):
@@ -165,6 +173,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.adapt_damping = bool(adapt_damping)
         self.graft = graft
         self.stats_batch_size = stats_batch_size
+        self.stats_locations = stats_locations
         self.fallback = fallback
         self.inverse_jit = inverse_jit
         self.inverse_dtype = inverse_dtype
@@ -319,11 +328,15 @@ class KFAC(keras.optimizers.Optimizer):
             preact_grads = [[g[:k] for g in per_block] for per_block in preact_grads]
             num_examples = tf.minimum(num_examples, k)
         batch, ok = [], tf.constant(True)
-        for block, xs, gs in zip(self.blocks, inputs, preact_grads):
+        # Location subsets use their own stream: the sampled targets use fold_in(seed, output).
+        seed = tf.random.experimental.stateless_fold_in(self.sampling_seed(), 1_000_003)
+        for index, (block, xs, gs) in enumerate(zip(self.blocks, inputs, preact_grads)):
             if not xs:
                 batch.append(None)
                 continue
-            factor_a, factor_g = block.factors(xs, gs, num_examples)
+            factor_a, factor_g = block.factors(
+                xs, gs, num_examples, self.stats_locations, tf.random.experimental.stateless_fold_in(seed, index)
+            )
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_a)))
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_g)))
             batch.append((factor_a, factor_g))
@@ -364,11 +377,12 @@ class KFAC(keras.optimizers.Optimizer):
         return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
 
     # ---------------------------------------------------------------------- the step
-    def kfac_step(self, grads, variables, loss, inputs, preact_grads_fn, num_examples):
+    def kfac_step(self, grads, variables, loss, statistics_fn):
         """One K-FAC step, called from `keras_kfac.Model.train_step`.
 
-        `inputs` holds, per block, the recorded layer inputs; `preact_grads_fn()` returns the
-        matching per-example pre-activation gradients (it runs only on statistics steps).
+        `statistics_fn()` returns (inputs, preact_grads, num_examples): per block, the recorded
+        layer inputs and the matching per-example pre-activation gradients, and the number of
+        examples they come from (it runs only on statistics steps).
         A step whose loss, gradients or statistics are not finite changes nothing but the
         `skipped_steps` counter.
         """
@@ -379,7 +393,7 @@ class KFAC(keras.optimizers.Optimizer):
         update_stats = self._function("statistics", self._update_statistics, jit=self.statistics_in_xla)
 
         def collect():
-            return update_stats(inputs, preact_grads_fn(), num_examples)
+            return update_stats(*statistics_fn())
 
         stats_ok = tf.cond(tf.logical_and(finite, self.due(self.stats_every)), collect, lambda: tf.constant(True))
         ok = tf.logical_and(finite, stats_ok)
@@ -508,6 +522,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "adapt_damping": self.adapt_damping,
                 "graft": self.graft,
                 "stats_batch_size": self.stats_batch_size,
+                "stats_locations": self.stats_locations,
                 "fallback": fallback,
                 "inverse_jit": self.inverse_jit,
                 "inverse_dtype": self.inverse_dtype,

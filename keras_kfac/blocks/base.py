@@ -63,18 +63,30 @@ class KroneckerBlock:
     def preactivation(self, inputs: tf.Tensor) -> tf.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:  # pragma: no cover - abstract
-        """The (n_rows, in_features) input vectors seen by the kernel."""
-        raise NotImplementedError
+    def input_rows(self, inputs: tf.Tensor, locations: int | None = None, seed=None) -> tf.Tensor:
+        """The (n_rows, in_features) input vectors seen by the kernel.  Blocks with spatial
+        locations keep at most `locations` of them (a uniform random subset drawn from the
+        stateless `seed`, the same for every example); others ignore both arguments."""
+        raise NotImplementedError  # pragma: no cover - abstract
 
     def output_rows(self, preact_grads: tf.Tensor) -> tf.Tensor:
         """The (n_rows, out_features) pre-activation gradients, one row per input row."""
         return tf.reshape(preact_grads, (-1, self.out_features))
 
     # -- shared -------------------------------------------------------------------------
-    def factors(self, inputs: list, preact_grads: list, num_examples) -> tuple[tf.Tensor, tf.Tensor]:
-        """Batch estimates (A, G) from every recorded call of the layer (see module doc)."""
-        rows_a = tf.concat([self.input_rows(tf.cast(x, tf.float32)) for x in inputs], axis=0)
+    def factors(
+        self, inputs: list, preact_grads: list, num_examples, locations: int | None = None, seed=None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
+        """Batch estimates (A, G) from every recorded call of the layer (see module doc).
+
+        With `locations`, A averages over a random subset of the spatial locations (an
+        unbiased estimate of the same mean); G always sums over all of them.
+        """
+        rows_a = []
+        for call, x in enumerate(inputs):
+            call_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, call)
+            rows_a.append(self.input_rows(tf.cast(x, tf.float32), locations, call_seed))
+        rows_a = tf.concat(rows_a, axis=0)
         rows_g = tf.concat([self.output_rows(tf.cast(g, tf.float32)) for g in preact_grads], axis=0)
         n_rows = tf.cast(tf.shape(rows_a)[0], tf.float32)
         factor_a = gram_with_ones(rows_a, self.bias is not None) / n_rows

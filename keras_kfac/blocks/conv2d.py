@@ -2,7 +2,9 @@
 
 ā is the input patch feeding one output location, flattened in the kernel's (kh, kw, c_in)
 order (with a 1 appended for the bias); A = mean over examples and output locations of ā āᵀ,
-G = mean over examples of the sum over output locations of g gᵀ.
+G = mean over examples of the sum over output locations of g gᵀ.  With `stats_locations` the
+mean of A runs over a random subset of the locations (the Gram matrix of all patches costs
+about as much as the convolution itself).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Conv2DBlock(KroneckerBlock):
             pre = ops.add(pre, ops.reshape(self.layer.bias, (1, 1, 1, self.out_features)))
         return pre
 
-    def input_rows(self, inputs):
+    def input_rows(self, inputs, locations=None, seed=None):
         patches = tf.image.extract_patches(
             inputs,
             sizes=self._sizes,
@@ -40,4 +42,11 @@ class Conv2DBlock(KroneckerBlock):
             rates=self._rates,
             padding=self._padding,
         )
-        return tf.reshape(patches, (-1, self.in_features))
+        if locations is None:
+            return tf.reshape(patches, (-1, self.in_features))
+        per_example = tf.reshape(patches, (tf.shape(patches)[0], -1, self.in_features))
+        # A uniform random subset of the output locations: the first `locations` of a random
+        # permutation (all of them when there are fewer).
+        scores = tf.random.stateless_uniform(tf.shape(per_example)[1:2], seed)
+        chosen = tf.argsort(scores)[:locations]
+        return tf.reshape(tf.gather(per_example, chosen, axis=1), (-1, self.in_features))

@@ -21,5 +21,5 @@ class DenseBlock(KroneckerBlock):
             pre = ops.add(pre, self.layer.bias)
         return pre
 
-    def input_rows(self, inputs):
+    def input_rows(self, inputs, locations=None, seed=None):
         return tf.reshape(inputs, (-1, self.in_features))

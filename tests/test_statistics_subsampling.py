@@ -1,0 +1,129 @@
+"""Cheaper statistics: the separate forward/backward pass of `stats_batch_size` examples and
+the random subset of convolution locations (`stats_locations`), against NumPy."""
+
+import keras
+import numpy as np
+import pytest
+import reference as ref
+import tensorflow as tf
+
+import keras_kfac
+from keras_kfac.blocks import Conv2DBlock
+
+
+def _mlp(batch_norm=False):
+    layers = [keras.Input((5,)), keras.layers.Dense(4, activation="tanh")]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(3, activation="softmax"))
+    return keras_kfac.Sequential(layers)
+
+
+def _kfac(**kwargs):
+    base = dict(learning_rate=0.1, momentum=0.0, stats_decay=0.0, stats_every=1, inverse_every=1, graft=None)
+    return keras_kfac.KFAC(**{**base, **kwargs})
+
+
+def _data(m=16):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(m, 5)).astype("float32"), rng.integers(0, 3, size=m)
+
+
+def test_sampled_statistics_of_the_first_examples_come_from_their_own_pass():
+    x, y = _data()
+    model = _mlp()
+    subset = _kfac(stats_batch_size=5)
+    model.compile(optimizer=subset, loss="sparse_categorical_crossentropy")
+    # The same weights trained on the first 5 examples alone, all of them used for statistics:
+    # the targets are drawn from the same stateless seed for the same 5 predictions.
+    alone = _mlp()
+    alone.set_weights(model.get_weights())
+    whole = _kfac(stats_batch_size=None)
+    alone.compile(optimizer=whole, loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+    alone.train_on_batch(x[:5], y[:5])
+    for layer, twin in zip(model.layers, alone.layers):
+        a, g = subset.factors()[layer.name]
+        a_ref, g_ref = whole.factors()[twin.name]
+        np.testing.assert_allclose(a.numpy(), a_ref.numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-5, atol=1e-8)
+    # A of the first layer is the input Gram matrix of those 5 examples (NumPy, float64).
+    a_first = ref.with_ones(x[:5].astype(np.float64))
+    assert ref.rel_err(subset.factors()[model.layers[0].name][0].numpy(), a_first.T @ a_first / 5) < 1e-6
+
+
+def test_models_with_moving_statistics_update_them_once_per_step():
+    x, y = _data()
+    model = _mlp(batch_norm=True)
+    plain = _mlp(batch_norm=True)
+    plain.set_weights(model.get_weights())
+    model.compile(optimizer=_kfac(stats_batch_size=5), loss="sparse_categorical_crossentropy")
+    plain.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+    plain.train_on_batch(x, y)
+    bn, bn_plain = model.layers[1], plain.layers[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), bn_plain.moving_mean.numpy(), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), bn_plain.moving_variance.numpy(), rtol=1e-6, atol=1e-8)
+    assert np.abs(bn.moving_mean.numpy()).max() > 1e-4  # the update did happen
+
+
+@pytest.mark.parametrize("conv_args", [dict(padding="valid"), dict(padding="same", strides=2)])
+def test_conv_locations_are_a_uniform_random_subset_shared_by_the_examples(conv_args):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
+    layer = keras.layers.Conv2D(4, 3, **conv_args)
+    layer.build(x.shape)
+    block = Conv2DBlock(layer)
+    full = ref.patches(x.astype(np.float64), (3, 3), layer.strides, layer.padding, (1, 1))
+    m, oh, ow, d = full.shape
+    full = full.reshape(m, oh * ow, d)
+    count = oh * ow
+    locations = count // 4
+    picks = np.zeros(count)
+    for s in range(300):
+        seed = tf.constant([7, s], tf.int64)
+        # `factors` gives the i-th recorded call of the layer the seed fold_in(seed, i).
+        rows = block.input_rows(tf.constant(x), locations, tf.random.experimental.stateless_fold_in(seed, 0))
+        rows = rows.numpy()
+        rows = rows.reshape(m, locations, d)
+        chosen = []
+        for j in range(locations):
+            match = [loc for loc in range(count) if np.allclose(full[0, loc], rows[0, j], atol=1e-6)]
+            loc = match[0]
+            np.testing.assert_allclose(full[:, loc], rows[:, j], atol=1e-6)  # same location for every example
+            chosen.append(loc)
+        assert len(set(chosen)) == locations  # without repetition
+        picks[chosen] += 1
+        a, _ = block.factors([tf.constant(x)], [tf.zeros((m, oh, ow, 4))], m, locations, seed)
+        kept = ref.with_ones(full[:, chosen].reshape(-1, d))
+        assert ref.rel_err(a.numpy(), kept.T @ kept / len(kept)) < 1e-5
+    # Uniform (so A's estimate is unbiased): each location is kept with probability
+    # locations/count (binomial counts, within 5 sd).
+    expected = 300 * locations / count
+    sd = np.sqrt(300 * (locations / count) * (1 - locations / count))
+    assert np.all(np.abs(picks - expected) < 5 * sd), picks
+    rows_all = ref.with_ones(full.reshape(-1, d))
+    a_full = rows_all.T @ rows_all / len(rows_all)
+    # At least as many locations as there are: exactly A over all of them.
+    a_all, _ = block.factors([tf.constant(x)], [tf.zeros((m, oh, ow, 4))], m, count, tf.constant([7, 0], tf.int64))
+    assert ref.rel_err(a_all.numpy(), a_full) < 1e-5
+
+
+def test_stats_locations_trains_a_cnn():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 1)).astype("float32")
+    y = (x[:, :4].mean(axis=(1, 2, 3)) > x[:, 4:].mean(axis=(1, 2, 3))).astype("int32")
+    model = keras_kfac.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile(
+        optimizer=keras_kfac.KFAC(learning_rate=0.01, stats_locations=8, stats_every=1, inverse_every=5),
+        loss="sparse_categorical_crossentropy",
+    )
+    history = model.fit(x, y, batch_size=32, epochs=8, verbose=0)
+    assert history.history["loss"][-1] < 0.7 * history.history["loss"][0]
