@@ -208,6 +208,24 @@ class KFACTrainStep:
                 stats_grads = []
         return y_pred, loss, grads, record.inputs, record.unflatten(stats_grads), num_examples
 
+    def _kfac_snapshot(self) -> list:
+        """Copies of the non-trainable variables that a forward pass may change (moving
+        statistics, RNG states), taken before it."""
+        return [tf.identity(v.value) for v in self.non_trainable_variables]
+
+    def _kfac_rollback(self, applied, snapshot) -> None:
+        """Puts the snapshot back when the step was skipped, so that a non-finite batch leaves
+        no NaN in, e.g., BatchNormalization's moving statistics."""
+        if not snapshot:
+            return
+
+        def restore():
+            for variable, value in zip(self.non_trainable_variables, snapshot):
+                variable.assign(value)
+            return tf.constant(False)
+
+        tf.cond(applied, lambda: tf.constant(True), restore)
+
     def train_step(self, data):
         opt = _kfac_optimizer(getattr(self, "optimizer", None))
         if opt is None:
@@ -217,6 +235,7 @@ class KFACTrainStep:
             # step; K-FAC needs its blocks (hence a built model) before the forward pass.
             self._symbolic_build(data_batch=data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        snapshot = self._kfac_snapshot()
         if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
             if self._kfac_forward_fn is None:
                 self._kfac_forward_fn = tf.function(
@@ -229,7 +248,8 @@ class KFACTrainStep:
             )
         stats_fn = stats_grads if callable(stats_grads) else (lambda: stats_grads)
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
-        opt.kfac_step(grads, self.trainable_weights, loss, inputs, stats_fn, num_examples)
+        applied = opt.kfac_step(grads, self.trainable_weights, loss, inputs, stats_fn, num_examples)
+        self._kfac_rollback(applied, snapshot)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs["skipped_steps"] = tf.identity(opt.skipped_steps.value)
         return logs

@@ -18,6 +18,7 @@ import copy
 import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
@@ -484,6 +485,45 @@ class KFAC(keras.optimizers.Optimizer):
             return
         self.assign(velocity, self.momentum * velocity - lr * gradient)
         self.assign_add(variable, velocity)
+
+    # ------------------------------------------------------------------- saving
+    def _variable_owner(self, variable) -> str:
+        """'layer NAME' for the state of a block's layer, else the variable's path."""
+        state = self._state
+        for block, factors, inverses in zip(state.blocks, state.factors, state.inverses):
+            owned = list(factors) + list(inverses)
+            for v in block.variables:
+                key = self._var_key(v)
+                owned += [t[key] for t in (state.velocity, state.graft_second_moment) if key in t]
+            if any(v is variable for v in owned):
+                return f"layer '{block.name}'"
+        return f"'{variable.path}'"
+
+    def load_own_variables(self, store):
+        """Restores the state saved by `save_own_variables` (`.keras`, `.weights.h5`,
+        BackupAndRestore); a state saved for other layers or settings raises a ValueError
+        naming the first layer that does not match (Keras would only warn and skip it)."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if not self.built and model is not None and model.built:
+            self.build(model.trainable_variables)  # so that load_weights right after compile restores the state
+        if not self.built:
+            return super().load_own_variables(store)
+        ours = self.variables
+        saved = [tuple(np.shape(store[str(i)])) for i in range(len(store.keys()))]
+        for i in range(max(len(ours), len(saved))):
+            here = tuple(ours[i].shape) if i < len(ours) else None
+            there = saved[i] if i < len(saved) else None
+            if here != there:
+                where = self._variable_owner(ours[i]) if i < len(ours) else "only in the saved state"
+                raise ValueError(
+                    f"The saved state of optimizer '{self.name}' does not match this model and its KFAC "
+                    f"settings: it has {len(saved)} variables, this optimizer {len(ours)}; variable {i} "
+                    f"({where}) has shape {here} here and {there} in the saved state. Load a checkpoint "
+                    "of the same architecture and KFAC settings (`load_weights(..., skip_mismatch=True)` "
+                    "skips what does not match)."
+                )
+        for variable, i in zip(ours, range(len(saved))):
+            variable.assign(store[str(i)])
 
     # ------------------------------------------------------------------------ config
     def get_config(self):
