@@ -251,7 +251,7 @@ class KFACTrainStep:
         applied = opt.kfac_step(grads, self.trainable_weights, loss, inputs, stats_fn, num_examples)
         self._kfac_rollback(applied, snapshot)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs["skipped_steps"] = tf.identity(opt.skipped_steps.value)
+        logs.update(opt.diagnostics())
         return logs
 
 

@@ -61,6 +61,7 @@ class _Untracked:
         self.velocity = {}
         self.graft_second_moment = {}
         self.compiled = {}
+        self.kl_clip_factor = None  # last step's KL-clip factor ν (a diagnostic, not saved)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -230,6 +231,9 @@ class KFAC(keras.optimizers.Optimizer):
         state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
         self._stats_updates = self.add_variable((), initializer="zeros", dtype="int64", name="stats_updates")
         self._skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_steps")
+        if self.kl_clip is not None:
+            with keras.name_scope(self.name, caller=self):
+                state.kl_clip_factor = keras.Variable(1.0, dtype="float32", trainable=False, name="kl_clip_factor")
         for block in blocks:
             prefix = block.name
             a = self.add_variable((block.dim_a, block.dim_a), "zeros", "float32", name=f"{prefix}_factor_a")
@@ -293,6 +297,18 @@ class KFAC(keras.optimizers.Optimizer):
     @property
     def skipped_steps(self):
         return self._skipped_steps
+
+    def diagnostics(self) -> dict:
+        """Scalars for the fit logs: the learning rate and damping at the step counter (schedules
+        applied), the last step's KL-clip factor (with `kl_clip`) and the skipped-step count."""
+        logs = {
+            "learning_rate": tf.identity(keras.ops.convert_to_tensor(self.learning_rate, "float32")),
+            "damping": tf.identity(keras.ops.convert_to_tensor(self.damping, "float32")),
+        }
+        if self._state.kl_clip_factor is not None:
+            logs["kl_clip_factor"] = tf.identity(self._state.kl_clip_factor.value)
+        logs["skipped_steps"] = tf.identity(self._skipped_steps.value)
+        return logs
 
     # ------------------------------------------------------------------ compiled pieces
     def _function(self, key, fn, jit: bool):
@@ -456,6 +472,8 @@ class KFAC(keras.optimizers.Optimizer):
             inner = tf.add_n([tf.reduce_sum(u * v) for _, _, v, u in results])
             ratio = self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)
             nu = tf.minimum(1.0, tf.sqrt(ratio))
+            if self._state.kl_clip_factor is not None:
+                self._state.kl_clip_factor.assign(nu)
             results = [(b, k, v, u * nu) for b, k, v, u in results]
         for block, keys, _, direction in results:
             for key, part in zip(keys, block.from_matrix(direction)):
