@@ -174,7 +174,7 @@ class KFACTrainStep:
         if not sampled:
             both = tape.gradient(scaled_loss, variables + preacts)
             grads = both[: len(variables)]
-            scale = tf.cast(num_examples, tf.float32) / float(opt.loss_scale_factor or 1.0)
+            scale = tf.cast(num_examples, tf.float32) / opt.loss_scale()
 
             def empirical_grads():  # per-example g: m × ∂(batch loss)/∂(pre-activation)
                 return _float32_grads(both[len(variables) :], preacts, scale)
@@ -249,6 +249,7 @@ class KFACTrainStep:
         stats_fn = stats_grads if callable(stats_grads) else (lambda: stats_grads)
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
         applied = opt.kfac_step(grads, self.trainable_weights, loss, inputs, stats_fn, num_examples)
+        opt.update_loss_scale(applied)
         self._kfac_rollback(applied, snapshot)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs.update(opt.diagnostics())

@@ -61,6 +61,7 @@ class _Untracked:
         self.velocity = {}
         self.graft_second_moment = {}
         self.compiled = {}
+        self.loss_scaler = None  # weakref to a LossScaleOptimizer wrapping the KFAC optimizer
         self.kl_clip_factor = None  # last step's KL-clip factor ν (a diagnostic, not saved)
 
 
@@ -187,6 +188,15 @@ class KFAC(keras.optimizers.Optimizer):
     def attach_model(self, model) -> None:
         """Called by `keras_kfac.Model.compile`: where `build` finds the layers' blocks."""
         self._model_ref = weakref.ref(model)
+        outer = getattr(model, "optimizer", None)
+        wrapped = outer is not self and getattr(outer, "inner_optimizer", None) is self
+        self._state.loss_scaler = weakref.ref(outer) if wrapped else None
+
+    @property
+    def loss_scaler(self):
+        """The `keras.optimizers.LossScaleOptimizer` wrapping this optimizer (mixed_float16), or None."""
+        ref = self._state.loss_scaler
+        return ref() if ref is not None else None
 
     @property
     def blocks(self) -> list:
@@ -310,6 +320,48 @@ class KFAC(keras.optimizers.Optimizer):
         logs["skipped_steps"] = tf.identity(self._skipped_steps.value)
         return logs
 
+    # ------------------------------------------------------------------- loss scaling
+    def loss_scale(self) -> tf.Tensor:
+        """The factor the loss is multiplied by before differentiation (float32): the static
+        `loss_scale_factor` and, under a `LossScaleOptimizer`, its dynamic scale."""
+        scale = tf.constant(float(self.loss_scale_factor or 1.0), tf.float32)
+        scaler = self.loss_scaler
+        if scaler is not None and scaler.built:
+            scale = scale * tf.cast(scaler.dynamic_scale, tf.float32)
+        return scale
+
+    def scale_loss(self, loss):
+        loss = super().scale_loss(loss)
+        scaler = self.loss_scaler
+        return loss if scaler is None else scaler.scale_loss(loss)
+
+    def update_loss_scale(self, applied) -> None:
+        """Dynamic loss scaling as `LossScaleOptimizer` does it: halve the scale after a skipped
+        step, double it after `dynamic_growth_steps` applied ones. No-op without a scaler."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            return
+
+        def upscale():
+            scaler.step_counter.assign(0)
+            scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 2.0)
+            return tf.constant(True)
+
+        def increment():
+            scaler.step_counter.assign_add(1)
+            return tf.constant(True)
+
+        def grow():
+            at_end = tf.equal(scaler.step_counter.value, scaler.dynamic_growth_steps - 1)
+            return tf.cond(at_end, upscale, increment)
+
+        def shrink():
+            scaler.step_counter.assign(0)
+            scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
+            return tf.constant(False)
+
+        tf.cond(applied, grow, shrink)
+
     # ------------------------------------------------------------------ compiled pieces
     def _function(self, key, fn, jit: bool):
         """Caches `fn` as a tf.function (XLA when `jit`); runs it as is when eager."""
@@ -432,6 +484,10 @@ class KFAC(keras.optimizers.Optimizer):
             )
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        scaler = self.loss_scaler
+        if scaler is not None and scaler.built:  # undo the dynamic loss scale (mixed_float16)
+            scale = tf.cast(scaler.dynamic_scale, tf.float32)
+            grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
         pairs = list(zip(grads, trainable_variables))
         block_pairs = [(g, v) for g, v in pairs if self._var_key(v) in self._state.block_keys]
         other_pairs = [(g, v) for g, v in pairs if self._var_key(v) not in self._state.block_keys]
