@@ -84,12 +84,16 @@ def test_keras_file_resume_equals_the_uninterrupted_run(tmp_path, fisher):
         assert not np.allclose(fresh.layers[0].kernel.numpy(), expected[0][0], atol=1e-4)
 
 
-def test_tf_checkpoint_resume_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("built", [False, True], ids=["restore-then-build", "build-then-restore"])
+def test_tf_checkpoint_resume_equals_the_uninterrupted_run(tmp_path, built):
     expected = _uninterrupted()
     first = _model()
     _fit(first, STOP)
     path = tf.train.Checkpoint(model=first, optimizer=first.optimizer).save(str(tmp_path / "ckpt"))
-    resumed = _model()  # optimizer not built yet: its variables are restored when fit creates them
+    resumed = _model()
+    if built:
+        resumed.optimizer.build(resumed.trainable_variables)
+    # Unbuilt, the optimizer's variables are restored when fit creates them.
     status = tf.train.Checkpoint(model=resumed, optimizer=resumed.optimizer).restore(path)
     _fit(resumed, EPOCHS - STOP)
     status.assert_consumed()
