@@ -492,8 +492,11 @@ class KFAC(keras.optimizers.Optimizer):
         block_pairs = [(g, v) for g, v in pairs if self._var_key(v) in self._state.block_keys]
         other_pairs = [(g, v) for g, v in pairs if self._var_key(v) not in self._state.block_keys]
         if other_pairs:
+            other_grads = [g for g, _ in other_pairs]
+            if self.loss_scale_factor is not None:  # super().apply undoes it for the block variables only
+                other_grads = [g / self.loss_scale_factor for g in other_grads]
             # Before our own update: a learning-rate schedule sees the same step counter.
-            self._fallback_optimizer.apply([g for g, _ in other_pairs], [v for _, v in other_pairs])
+            self._fallback_optimizer.apply(other_grads, [v for _, v in other_pairs])
         if block_pairs:
             super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
         else:

@@ -121,3 +121,29 @@ def test_float16_dynamic_loss_scale_follows_keras_rules():
     assert 10 <= skipped < 24  # 2**30 overflows float16 at first
     assert int(kfac.iterations.numpy()) == 24 - skipped
     assert np.mean(losses[-4:]) < 0.7 * np.log(3)  # it learned (chance: log 3)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
+def test_static_loss_scale_factor_changes_nothing(fisher):
+    """Keras' static `loss_scale_factor` (a power of 2: exact) is undone for every variable,
+    those of the fallback optimizer (LayerNormalization here) included."""
+    x, y = _data(32)
+    weights = []
+    for factor in (None, 1024.0):
+        keras.utils.set_random_seed(1)
+        model = keras_kfac.Sequential(
+            [
+                keras.Input((8,)),
+                keras.layers.Dense(16, activation="tanh"),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(3, activation="softmax"),
+            ]
+        )
+        opt = keras_kfac.KFAC(
+            learning_rate=0.05, fisher=fisher, stats_every=1, inverse_every=1, loss_scale_factor=factor
+        )
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        weights.append(model.get_weights())
+    for a, b in zip(*weights):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
