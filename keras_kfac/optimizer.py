@@ -594,7 +594,7 @@ class KFAC(keras.optimizers.Optimizer):
                 where = self._variable_owner(ours[i]) if i < len(ours) else "only in the saved state"
                 raise ValueError(
                     f"The saved state of optimizer '{self.name}' does not match this model and its KFAC "
-                    f"settings: it has {len(saved)} variables, this optimizer {len(ours)}; variable {i} "
+                    f"settings: the saved state has {len(saved)} variables, this optimizer {len(ours)}; variable {i} "
                     f"({where}) has shape {here} here and {there} in the saved state. Load a checkpoint "
                     "of the same architecture and KFAC settings (`load_weights(..., skip_mismatch=True)` "
                     "skips what does not match)."
