@@ -50,9 +50,9 @@ def _fit(model, epochs, **kwargs):
 
 
 @functools.cache
-def _uninterrupted(fisher="empirical"):
+def _uninterrupted(fisher="empirical", damping_mode="factored"):
     """Weights and optimizer state (NumPy) after EPOCHS epochs without a stop; computed once."""
-    model = _model(fisher)
+    model = _model(fisher, damping_mode=damping_mode)
     _fit(model, EPOCHS)
     return [v.numpy() for v in model.weights], [v.numpy() for v in model.optimizer.variables]
 
@@ -66,10 +66,10 @@ def _assert_same_run(expected, actual, exact):
         check(b.numpy(), a)
 
 
-@pytest.mark.parametrize("fisher", ["empirical", "sampled"])
-def test_keras_file_resume_equals_the_uninterrupted_run(tmp_path, fisher):
-    expected = _uninterrupted(fisher)
-    first = _model(fisher)
+@pytest.mark.parametrize("fisher, damping_mode", [("empirical", "factored"), ("sampled", "eigen")])
+def test_keras_file_resume_equals_the_uninterrupted_run(tmp_path, fisher, damping_mode):
+    expected = _uninterrupted(fisher, damping_mode)
+    first = _model(fisher, damping_mode=damping_mode)
     _fit(first, STOP)
     first.save(tmp_path / "run.keras")
     resumed = keras.models.load_model(tmp_path / "run.keras")  # no custom_objects
