@@ -1,12 +1,14 @@
 """Train the AlexNet-style CNN on Fashion-MNIST with K-FAC (default), Adam or SGD.
 
     python examples/fashion_mnist.py [--optimizer kfac|adam|sgd] [--epochs 5] [--batch-size 128]
-                                     [--data-dir DIR] [--seed 0]
+                                     [--data-dir DIR] [--seed 0] [--tensorboard DIR]
 
 K-FAC runs with `keras_kfac.KFAC()` and no arguments: the package defaults are the settings
 that `benchmarks/compare_optimizers.py` found best for this model.  Adam and SGD (momentum 0.9)
 use the learning rates that the same sweep chose.  The data come from tensorflow-datasets when
-it can download, else from the official IDX files (see `keras_kfac.datasets`).
+it can download, else from the official IDX files (see `keras_kfac.datasets`).  With
+`--tensorboard DIR` the fit logs (loss, accuracy and K-FAC's learning_rate, damping and
+skipped_steps) are written for `tensorboard --logdir DIR`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps-per-epoch", type=int, default=None, help="shorten each epoch (for smoke tests)")
     parser.add_argument("--test-examples", type=int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
+    parser.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard logs to DIR")
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(args.seed)
@@ -61,7 +64,10 @@ def main(argv=None) -> dict:
     )
     if args.optimizer == "kfac":
         model.kfac_summary()
-    history = model.fit(train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, verbose=args.verbose)
+    callbacks = [keras.callbacks.TensorBoard(args.tensorboard)] if args.tensorboard else []
+    history = model.fit(
+        train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, verbose=args.verbose, callbacks=callbacks
+    )
     loss, accuracy = model.evaluate(test, verbose=0)
     print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f} ({args.optimizer}, {args.epochs} epochs)")
     return {"test_loss": loss, "test_accuracy": accuracy, "history": history.history}

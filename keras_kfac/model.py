@@ -203,7 +203,7 @@ class KFACTrainStep:
         if not sampled:
             both = tape.gradient(scaled_loss, variables + preacts)
             grads = both[: len(variables)]
-            scale = tf.cast(num_examples, tf.float32) / float(opt.loss_scale_factor or 1.0)
+            scale = tf.cast(num_examples, tf.float32) / opt.loss_scale()
 
             def empirical_statistics():  # per-example g: m × ∂(batch loss)/∂(pre-activation)
                 g = _float32_grads(both[len(variables) :], preacts, scale)
@@ -234,6 +234,24 @@ class KFACTrainStep:
             statistics = (record.inputs, record.unflatten(g), num_examples)
         return y_pred, loss, grads, statistics
 
+    def _kfac_snapshot(self) -> list:
+        """Copies of the non-trainable variables that a forward pass may change (moving
+        statistics, RNG states), taken before it."""
+        return [tf.identity(v.value) for v in self.non_trainable_variables]
+
+    def _kfac_rollback(self, applied, snapshot) -> None:
+        """Puts the snapshot back when the step was skipped, so that a non-finite batch leaves
+        no NaN in, e.g., BatchNormalization's moving statistics."""
+        if not snapshot:
+            return
+
+        def restore():
+            for variable, value in zip(self.non_trainable_variables, snapshot):
+                variable.assign(value)
+            return tf.constant(False)
+
+        tf.cond(applied, lambda: tf.constant(True), restore)
+
     def train_step(self, data):
         opt = _kfac_optimizer(getattr(self, "optimizer", None))
         if opt is None:
@@ -243,6 +261,7 @@ class KFACTrainStep:
             # step; K-FAC needs its blocks (hence a built model) before the forward pass.
             self._symbolic_build(data_batch=data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        snapshot = self._kfac_snapshot()
         if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
             if self._kfac_forward_fn is None:
                 self._kfac_forward_fn = tf.function(
@@ -254,9 +273,11 @@ class KFACTrainStep:
         statistics_fn = statistics if callable(statistics) else (lambda: statistics)
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
-        opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn)
+        applied = opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn)
+        opt.update_loss_scale(applied)
+        self._kfac_rollback(applied, snapshot)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        logs["skipped_steps"] = tf.identity(opt.skipped_steps.value)
+        logs.update(opt.diagnostics())
         return logs
 
 

@@ -18,6 +18,7 @@ import copy
 import weakref
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
@@ -60,6 +61,8 @@ class _Untracked:
         self.velocity = {}
         self.graft_second_moment = {}
         self.compiled = {}
+        self.loss_scaler = None  # weakref to a LossScaleOptimizer wrapping the KFAC optimizer
+        self.kl_clip_factor = None  # last step's KL-clip factor ν (a diagnostic, not saved)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -194,6 +197,15 @@ class KFAC(keras.optimizers.Optimizer):
     def attach_model(self, model) -> None:
         """Called by `keras_kfac.Model.compile`: where `build` finds the layers' blocks."""
         self._model_ref = weakref.ref(model)
+        outer = getattr(model, "optimizer", None)
+        wrapped = outer is not self and getattr(outer, "inner_optimizer", None) is self
+        self._state.loss_scaler = weakref.ref(outer) if wrapped else None
+
+    @property
+    def loss_scaler(self):
+        """The `keras.optimizers.LossScaleOptimizer` wrapping this optimizer (mixed_float16), or None."""
+        ref = self._state.loss_scaler
+        return ref() if ref is not None else None
 
     @property
     def blocks(self) -> list:
@@ -238,6 +250,9 @@ class KFAC(keras.optimizers.Optimizer):
         state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
         self._stats_updates = self.add_variable((), initializer="zeros", dtype="int64", name="stats_updates")
         self._skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_steps")
+        if self.kl_clip is not None:
+            with keras.name_scope(self.name, caller=self):
+                state.kl_clip_factor = keras.Variable(1.0, dtype="float32", trainable=False, name="kl_clip_factor")
         for block in blocks:
             prefix = block.name
             a = self.add_variable((block.dim_a, block.dim_a), "zeros", "float32", name=f"{prefix}_factor_a")
@@ -301,6 +316,60 @@ class KFAC(keras.optimizers.Optimizer):
     @property
     def skipped_steps(self):
         return self._skipped_steps
+
+    def diagnostics(self) -> dict:
+        """Scalars for the fit logs: the learning rate and damping at the step counter (schedules
+        applied), the last step's KL-clip factor (with `kl_clip`) and the skipped-step count."""
+        logs = {
+            "learning_rate": tf.identity(keras.ops.convert_to_tensor(self.learning_rate, "float32")),
+            "damping": tf.identity(keras.ops.convert_to_tensor(self.damping, "float32")),
+        }
+        if self._state.kl_clip_factor is not None:
+            logs["kl_clip_factor"] = tf.identity(self._state.kl_clip_factor.value)
+        logs["skipped_steps"] = tf.identity(self._skipped_steps.value)
+        return logs
+
+    # ------------------------------------------------------------------- loss scaling
+    def loss_scale(self) -> tf.Tensor:
+        """The factor the loss is multiplied by before differentiation (float32): the static
+        `loss_scale_factor` and, under a `LossScaleOptimizer`, its dynamic scale."""
+        scale = tf.constant(float(self.loss_scale_factor or 1.0), tf.float32)
+        scaler = self.loss_scaler
+        if scaler is not None and scaler.built:
+            scale = scale * tf.cast(scaler.dynamic_scale, tf.float32)
+        return scale
+
+    def scale_loss(self, loss):
+        loss = super().scale_loss(loss)
+        scaler = self.loss_scaler
+        return loss if scaler is None else scaler.scale_loss(loss)
+
+    def update_loss_scale(self, applied) -> None:
+        """Dynamic loss scaling as `LossScaleOptimizer` does it: halve the scale after a skipped
+        step, double it after `dynamic_growth_steps` applied ones. No-op without a scaler."""
+        scaler = self.loss_scaler
+        if scaler is None:
+            return
+
+        def upscale():
+            scaler.step_counter.assign(0)
+            scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 2.0)
+            return tf.constant(True)
+
+        def increment():
+            scaler.step_counter.assign_add(1)
+            return tf.constant(True)
+
+        def grow():
+            at_end = tf.equal(scaler.step_counter.value, scaler.dynamic_growth_steps - 1)
+            return tf.cond(at_end, upscale, increment)
+
+        def shrink():
+            scaler.step_counter.assign(0)
+            scaler.dynamic_scale.assign(scaler.dynamic_scale.value * 0.5)
+            return tf.constant(False)
+
+        tf.cond(applied, grow, shrink)
 
     # ------------------------------------------------------------------ compiled pieces
     def _function(self, key, fn, jit: bool):
@@ -429,12 +498,19 @@ class KFAC(keras.optimizers.Optimizer):
             )
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        scaler = self.loss_scaler
+        if scaler is not None and scaler.built:  # undo the dynamic loss scale (mixed_float16)
+            scale = tf.cast(scaler.dynamic_scale, tf.float32)
+            grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
         pairs = list(zip(grads, trainable_variables))
         block_pairs = [(g, v) for g, v in pairs if self._var_key(v) in self._state.block_keys]
         other_pairs = [(g, v) for g, v in pairs if self._var_key(v) not in self._state.block_keys]
         if other_pairs:
+            other_grads = [g for g, _ in other_pairs]
+            if self.loss_scale_factor is not None:  # super().apply undoes it for the block variables only
+                other_grads = [g / self.loss_scale_factor for g in other_grads]
             # Before our own update: a learning-rate schedule sees the same step counter.
-            self._fallback_optimizer.apply([g for g, _ in other_pairs], [v for _, v in other_pairs])
+            self._fallback_optimizer.apply(other_grads, [v for _, v in other_pairs])
         if block_pairs:
             super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
         else:
@@ -469,6 +545,8 @@ class KFAC(keras.optimizers.Optimizer):
             inner = tf.add_n([tf.reduce_sum(u * v) for _, _, v, u in results])
             ratio = self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)
             nu = tf.minimum(1.0, tf.sqrt(ratio))
+            if self._state.kl_clip_factor is not None:
+                self._state.kl_clip_factor.assign(nu)
             results = [(b, k, v, u * nu) for b, k, v, u in results]
         for block, keys, _, direction in results:
             for key, part in zip(keys, block.from_matrix(direction)):
@@ -498,6 +576,45 @@ class KFAC(keras.optimizers.Optimizer):
             return
         self.assign(velocity, self.momentum * velocity - lr * gradient)
         self.assign_add(variable, velocity)
+
+    # ------------------------------------------------------------------- saving
+    def _variable_owner(self, variable) -> str:
+        """'layer NAME' for the state of a block's layer, else the variable's path."""
+        state = self._state
+        for block, factors, inverses in zip(state.blocks, state.factors, state.inverses):
+            owned = list(factors) + list(inverses)
+            for v in block.variables:
+                key = self._var_key(v)
+                owned += [t[key] for t in (state.velocity, state.graft_second_moment) if key in t]
+            if any(v is variable for v in owned):
+                return f"layer '{block.name}'"
+        return f"'{variable.path}'"
+
+    def load_own_variables(self, store):
+        """Restores the state saved by `save_own_variables` (`.keras`, `.weights.h5`,
+        BackupAndRestore); a state saved for other layers or settings raises a ValueError
+        naming the first layer that does not match (Keras would only warn and skip it)."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if not self.built and model is not None and model.built:
+            self.build(model.trainable_variables)  # so that load_weights right after compile restores the state
+        if not self.built:
+            return super().load_own_variables(store)
+        ours = self.variables
+        saved = [tuple(np.shape(store[str(i)])) for i in range(len(store.keys()))]
+        for i in range(max(len(ours), len(saved))):
+            here = tuple(ours[i].shape) if i < len(ours) else None
+            there = saved[i] if i < len(saved) else None
+            if here != there:
+                where = self._variable_owner(ours[i]) if i < len(ours) else "only in the saved state"
+                raise ValueError(
+                    f"The saved state of optimizer '{self.name}' does not match this model and its KFAC "
+                    f"settings: the saved state has {len(saved)} variables, this optimizer {len(ours)}; variable {i} "
+                    f"({where}) has shape {here} here and {there} in the saved state. Load a checkpoint "
+                    "of the same architecture and KFAC settings (`load_weights(..., skip_mismatch=True)` "
+                    "skips what does not match)."
+                )
+        for variable, i in zip(ours, range(len(saved))):
+            variable.assign(store[str(i)])
 
     # ------------------------------------------------------------------------ config
     def get_config(self):

@@ -1,9 +1,11 @@
 """End to end: the Fashion-MNIST example for a few dozen K-FAC steps on the real data."""
 
+import glob
 import importlib.util
 import os
 
 import pytest
+import tensorflow as tf
 
 from keras_kfac.datasets import DatasetNotFoundError, load_arrays
 
@@ -17,7 +19,7 @@ def _data_dir():
     return None
 
 
-def test_example_trains_on_a_slice_of_fashion_mnist(monkeypatch):
+def test_example_trains_on_a_slice_of_fashion_mnist(monkeypatch, tmp_path):
     monkeypatch.setenv("KERAS_KFAC_NO_TFDS", "1")
     data_dir = _data_dir()
     try:
@@ -29,10 +31,18 @@ def test_example_trains_on_a_slice_of_fashion_mnist(monkeypatch):
     )
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
+    board = tmp_path / "board"
     args = ["--epochs", "2", "--steps-per-epoch", "20", "--test-examples", "2000", "--verbose", "0"]
+    args += ["--tensorboard", str(board)]
     if data_dir:
         args += ["--data-dir", data_dir]
     result = example.main(args)
     losses = result["history"]["loss"]
     assert losses[1] < losses[0]
     assert result["test_accuracy"] > 0.5  # chance is 0.1
+    # --tensorboard DIR: K-FAC's diagnostics are among the logged scalars.
+    tags = set()
+    for path in glob.glob(str(board / "train" / "events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(path):
+            tags.update(v.tag for v in tf.compat.v1.Event.FromString(record.numpy()).summary.value)
+    assert {"epoch_loss", "epoch_learning_rate", "epoch_damping", "epoch_skipped_steps"} <= tags
