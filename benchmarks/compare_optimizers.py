@@ -14,15 +14,18 @@ For each batch size:
    every step, test accuracy every `eval_every` steps (on all 10,000 test images), and the
    wall-clock of the training steps alone (evaluation excluded).
 
-It writes `<out>/compare_b<batch>.json`, three PNG plots per batch size (train loss vs steps,
-test accuracy vs steps, test accuracy vs seconds; mean and min–max band over seeds), and
-prints a table: steps and seconds to 85/88/90% test accuracy, steps to Adam's final training
-loss, final test accuracy, mean step time and its ratio to Adam's.
+It writes `<out>/compare_b<batch>.json` (after every run: `--resume` continues an interrupted
+benchmark with the same sweep, provided the keras_kfac sources are unchanged), three PNG plots
+per batch size (train loss vs steps, test accuracy vs steps, test accuracy vs seconds; mean
+and min–max band over seeds), and prints a table: steps and seconds to 85/88/90% test
+accuracy, steps to Adam's final training loss, final test accuracy, mean step time and its
+ratio to Adam's.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -54,6 +57,7 @@ SWEEP = {
         {"learning_rate": 3e-3},
         {"damping": 1e-3},
         {"stats_every": 5, "inverse_every": 20},
+        {"stats_locations": 16},
     ],
 }
 
@@ -142,6 +146,22 @@ def train(kind, settings, weights, data, batch_size, seed, epochs, eval_every, e
         "evals": recorder.evals,
         "skipped_steps": skipped,
     }
+
+
+@functools.cache
+def source_digest() -> str:
+    """Digest of the keras_kfac sources at the first call: a resumed benchmark must run the
+    same code."""
+    import hashlib
+
+    root = os.path.dirname(keras_kfac.__file__)
+    digest = hashlib.sha256()
+    for folder, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), "rb") as f:
+                    digest.update(name.encode() + f.read())
+    return digest.hexdigest()[:16]
 
 
 def initial_weights(seed: int):
@@ -296,6 +316,25 @@ def plot(batch_size: int, runs: dict, out: str) -> list:
     return paths
 
 
+def complete_seeds(runs: dict) -> list:
+    """Seeds that every optimizer has finished."""
+    return sorted(set.intersection(*({r["seed"] for r in done} for done in runs.values())))
+
+
+def save_results(path: str, chosen: dict, runs: dict, batch_size: int, out: str, final: bool) -> None:
+    """Writes the sweep and the runs so far; the final call adds the table and the plots."""
+    record = {"argv": sys.argv[1:], "source_digest": source_digest(), "sweep": chosen, "runs": runs}
+    if final:
+        seeds = complete_seeds(runs)
+        complete = {kind: [r for r in done if r["seed"] in seeds] for kind, done in runs.items()}
+        table = summarize(complete)
+        record["table"] = table
+        record["table_markdown"] = print_table(batch_size, table, seeds)
+        record["plots"] = plot(batch_size, complete, out)
+    with open(path, "w") as f:
+        json.dump(record, f)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-sizes", default="128,1024")
@@ -307,17 +346,24 @@ def main(argv=None):
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (smoke tests)")
     parser.add_argument("--from-json", action="store_true", help="only re-print the tables of the runs saved in --out")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the sweep and the finished runs saved in --out (same keras_kfac sources only)",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
             with open(os.path.join(args.out, f"compare_b{batch_size}.json")) as f:
                 saved = json.load(f)
-            for seeds in saved["runs"].values():
-                for run in seeds:
+            seeds = complete_seeds(saved["runs"])
+            runs = {kind: [r for r in done if r["seed"] in seeds] for kind, done in saved["runs"].items()}
+            for done in runs.values():
+                for run in done:
                     for e in run["evals"]:
                         e["seconds"] = training_seconds(run["step_seconds"], e["step"])
-            print_table(batch_size, summarize(saved["runs"]), sorted({r["seed"] for r in saved["runs"]["adam"]}))
-            plot(batch_size, saved["runs"], args.out)
+            print_table(batch_size, summarize(runs), seeds)
+            plot(batch_size, runs, args.out)
         return
     os.makedirs(args.out, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
@@ -329,15 +375,30 @@ def main(argv=None):
         eval_every = max(1, steps_per_epoch // 10)
         if args.max_steps:
             eval_every = min(eval_every, max(1, args.max_steps // 3))
-        if args.no_sweep:
+        path = os.path.join(args.out, f"compare_b{batch_size}.json")
+        saved = None
+        if args.resume and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if saved.get("source_digest") != source_digest():
+                raise SystemExit(f"{path} was written by other keras_kfac sources; rerun without --resume.")
+        if saved is not None:
+            chosen = saved["sweep"]
+        elif args.no_sweep:
             chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
         else:
             sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
             chosen = sweep((x_train, y_train), batch_size, sweep_steps)
         runs = {kind: [] for kind in ("kfac", "adam", "sgd")}
+        if saved is not None:
+            for kind, done in saved["runs"].items():
+                runs[kind] = [r for r in done if r["seed"] in seeds]
+
         for seed in seeds:
             weights = initial_weights(seed)
             for kind in runs:
+                if any(r["seed"] == seed for r in runs[kind]):
+                    continue
                 run = train(
                     kind,
                     chosen[kind]["best"],
@@ -356,21 +417,9 @@ def main(argv=None):
                     f"{statistics.fmean(run['step_seconds'][5:]) * 1e3:.1f} ms/step",
                     flush=True,
                 )
-        table = summarize(runs)
-        text = print_table(batch_size, table, seeds)
-        plots = plot(batch_size, runs, args.out)
-        with open(os.path.join(args.out, f"compare_b{batch_size}.json"), "w") as f:
-            json.dump(
-                {
-                    "argv": sys.argv[1:],
-                    "sweep": chosen,
-                    "table": table,
-                    "table_markdown": text,
-                    "plots": plots,
-                    "runs": runs,
-                },
-                f,
-            )
+                # An interrupted benchmark resumes from here (--resume).
+                save_results(path, chosen, runs, batch_size, args.out, final=False)
+        save_results(path, chosen, runs, batch_size, args.out, final=True)
 
 
 if __name__ == "__main__":
