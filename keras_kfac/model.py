@@ -28,6 +28,7 @@ from keras_kfac import fisher as fisher_lib
 from keras_kfac.blocks import block_for_layer
 from keras_kfac.capture import capture
 from keras_kfac.optimizer import KFAC
+from keras_kfac.tridiagonal import find_chains
 
 __all__ = ["Model", "Sequential", "wrap", "discover_blocks"]
 
@@ -126,6 +127,10 @@ class KFACTrainStep:
         )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+        chains = find_chains(self, blocks)
+        if chains:
+            lines.append("Chains of Dense layers (block-tridiagonal with approximation='block_tridiagonal'):")
+            lines += ["  " + " → ".join(blocks[i].name for i in chain) for chain in chains]
         if others:
             lines.append("Updated by the fallback optimizer (no K-FAC block):")
             for layer, reason in others:

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
-from keras_kfac import linalg
+from keras_kfac import linalg, tridiagonal
 
 FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = (None, "adam", "sgd")
@@ -63,6 +63,7 @@ class _Untracked:
         self.compiled = {}
         self.loss_scaler = None  # weakref to a LossScaleOptimizer wrapping the KFAC optimizer
         self.kl_clip_factor = None  # last step's KL-clip factor ν (a diagnostic, not saved)
+        self.tridiagonal = None  # tridiagonal.TridiagonalState with approximation="block_tridiagonal"
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -103,6 +104,10 @@ class KFAC(keras.optimizers.Optimizer):
         statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU, where XLA's patch extraction
             is about 3x slower), True or False.
         seed: integer mixed with the step counter to seed the sampled targets.
+        approximation: "block_diagonal" (one block per layer) or "block_tridiagonal": chains of
+            Dense layers also keep the cross-layer factors of consecutive layers and apply
+            F̂⁻¹ = Ξᵀ Λ Ξ (Martens & Grosse 2015, section 4.3; see `keras_kfac.tridiagonal`);
+            needs damping_mode="factored".  Other layers stay block-diagonal.
         **kwargs: the usual Keras optimizer arguments (weight_decay, clipnorm, ...).
     """
 
@@ -126,6 +131,7 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_dtype="float32",
         statistics_jit="auto",
         seed=0,
+        approximation="block_diagonal",
         name="kfac",
         **kwargs,
     ):
@@ -165,6 +171,16 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(f"`inverse_dtype` must be 'float32' or 'float64'; received {inverse_dtype!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer; received seed={seed!r}.")
+        if approximation not in tridiagonal.APPROXIMATIONS:
+            raise ValueError(
+                f"`approximation` must be one of {tridiagonal.APPROXIMATIONS}; "
+                f"received approximation={approximation!r}."
+            )
+        if approximation == "block_tridiagonal" and damping_mode != "factored":
+            raise ValueError(
+                "`approximation='block_tridiagonal'` needs `damping_mode='factored'` (the damped diagonal "
+                f"blocks must be Kronecker products); received damping_mode={damping_mode!r}."
+            )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
         self.stats_decay = float(stats_decay)
@@ -182,6 +198,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
         self.seed = seed
+        self.approximation = approximation
         if isinstance(damping, LearningRateSchedule):
             self._damping = damping
         else:
@@ -282,6 +299,9 @@ class KFAC(keras.optimizers.Optimizer):
                         ),
                     )
                 )
+        if self.approximation == "block_tridiagonal":
+            state.tridiagonal = tridiagonal.TridiagonalState(tridiagonal.find_chains(model, blocks) if model else [])
+            state.tridiagonal.build(self, blocks)
         block_vars = [v for v in variables if self._var_key(v) in state.block_keys]
         if self.momentum > 0:
             for v in block_vars:
@@ -409,6 +429,11 @@ class KFAC(keras.optimizers.Optimizer):
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_a)))
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_g)))
             batch.append((factor_a, factor_g))
+        if self._state.tridiagonal is not None:
+            cross_batch, cross_ok = self._state.tridiagonal.batch_statistics(
+                self.blocks, inputs, preact_grads, num_examples
+            )
+            ok = tf.logical_and(ok, cross_ok)
 
         def assign():
             count = self._stats_updates + 1
@@ -419,6 +444,8 @@ class KFAC(keras.optimizers.Optimizer):
                     continue
                 a.assign(decay * a + (1.0 - decay) * new[0])
                 g.assign(decay * g + (1.0 - decay) * new[1])
+            if self._state.tridiagonal is not None:
+                self._state.tridiagonal.assign_statistics(decay, cross_batch)
             self._stats_updates.assign(count)
             return tf.constant(True)
 
@@ -439,6 +466,8 @@ class KFAC(keras.optimizers.Optimizer):
                 # A failed factorization keeps the previous inverses rather than ending training.
                 inv_a.assign(tf.where(ok, new_a, inv_a))
                 inv_g.assign(tf.where(ok, new_g, inv_g))
+        if self._state.tridiagonal is not None:  # after the inverses of the blocks it reads
+            self._state.tridiagonal.update_inverses(self._state.factors, self._state.inverses, damping, dtype)
         return tf.constant(True)
 
     def update_inverses(self):
@@ -524,14 +553,25 @@ class KFAC(keras.optimizers.Optimizer):
         """Maps gradients to K-FAC directions U (block by block; KL clip and grafting applied)."""
         by_key = {self._var_key(v): g for g, v in zip(grads, variables)}
         damping = self.damping
-        results = []
-        for block, inverse in zip(self.blocks, self._state.inverses):
+        present = {}  # block index -> (keys, float32 gradients, gradient matrix)
+        for index, block in enumerate(self.blocks):
             keys = [self._var_key(v) for v in block.variables]
-            if not all(k in by_key for k in keys):
+            if all(k in by_key for k in keys):
+                block_grads = [tf.cast(by_key[k], tf.float32) for k in keys]
+                matrix = block.to_matrix(block_grads[0], block_grads[1] if len(keys) > 1 else None)
+                present[index] = (keys, block_grads, matrix)
+        chained = {}  # block index -> its slice of F̂⁻¹∇ (approximation="block_tridiagonal")
+        if self._state.tridiagonal is not None:
+            matrices = {i: p[2] for i, p in present.items()}
+            chained = self._state.tridiagonal.directions(matrices, self._state.inverses)
+        results = []
+        for index, (block, inverse) in enumerate(zip(self.blocks, self._state.inverses)):
+            if index not in present:
                 continue
-            block_grads = [tf.cast(by_key[k], tf.float32) for k in keys]
-            matrix = block.to_matrix(block_grads[0], block_grads[1] if len(keys) > 1 else None)
-            if self.damping_mode == "eigen":
+            keys, block_grads, matrix = present[index]
+            if index in chained:
+                direction = chained[index]
+            elif self.damping_mode == "eigen":
                 direction = linalg.precondition(matrix, *inverse, damping, "eigen")
             else:
                 direction = tf.matmul(tf.matmul(inverse[0], matrix), inverse[1])
@@ -645,6 +685,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "inverse_dtype": self.inverse_dtype,
                 "statistics_jit": self.statistics_jit,
                 "seed": self.seed,
+                "approximation": self.approximation,
             }
         )
         return config
