@@ -142,3 +142,68 @@ def rel_err(actual, expected) -> float:
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def mlp_gradients(x, y, layers):
+    """Forward and backward pass of a Dense MLP with softmax cross-entropy (mean over the batch).
+
+    `layers` as in `mlp_step`.  Returns per layer: the input rows ā (with the homogeneous 1 when
+    the layer has a bias), the per-example pre-activation gradients g (m × the gradient of the
+    mean loss) and the gradient matrix ∇ = āᵀ (g / m) of shape (dim_a, dim_g).
+    """
+    m = x.shape[0]
+    acts, pres = [x], []
+    funcs = {"tanh": np.tanh, "relu": lambda v: np.maximum(v, 0), "sigmoid": lambda v: 1 / (1 + np.exp(-v))}
+    for kernel, bias, act in layers:
+        z = acts[-1] @ kernel + (0 if bias is None else bias)
+        pres.append(z)
+        acts.append(softmax(z) if act == "softmax" else funcs[act](z))
+    dz = (acts[-1] - np.eye(layers[-1][0].shape[1])[y]) / m
+    out = [None] * len(layers)
+    for i in reversed(range(len(layers))):
+        kernel, bias, _ = layers[i]
+        rows_a = acts[i] if bias is None else with_ones(acts[i])
+        out[i] = dict(rows_a=rows_a, g=dz * m, grad=rows_a.T @ dz)
+        if i > 0:
+            act = layers[i - 1][2]
+            derivative = {
+                "tanh": 1 - acts[i] ** 2,
+                "relu": (pres[i - 1] > 0).astype(np.float64),
+                "sigmoid": acts[i] * (1 - acts[i]),
+            }[act]
+            dz = (dz @ kernel.T) * derivative
+    return out
+
+
+def factored_damped_block(factor_a, factor_g, damping):
+    """(A + π√λ I) ⊗ (G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G))."""
+    da, dg = factor_a.shape[0], factor_g.shape[0]
+    pi = math.sqrt((np.trace(factor_a) / da) / (np.trace(factor_g) / dg))
+    root = math.sqrt(damping)
+    return np.kron(factor_a + pi * root * np.eye(da), factor_g + root / pi * np.eye(dg))
+
+
+def tridiagonal_inverse(factors, cross, damping):
+    """Dense F̂⁻¹ = Ξᵀ Λ Ξ of block-tridiagonal K-FAC (Martens & Grosse 2015, section 4.3).
+
+    `factors`: per layer (A_i, G_i); `cross`: per consecutive pair (Ā_{i,i+1}, G_{i,i+1}).  The
+    diagonal blocks are the factored-Tikhonov damped F̃_{i,i}; F_{i,i+1} = Ā_{i,i+1} ⊗ G_{i,i+1}
+    (row-major vec of the (dim_a, dim_g) gradient matrices), undamped.
+    """
+    diag = [factored_damped_block(a, g, damping) for a, g in factors]
+    sizes = [d.shape[0] for d in diag]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    n = int(starts[-1])
+    xi = np.eye(n)
+    lam = np.zeros((n, n))
+    for i in range(len(diag)):
+        s = slice(starts[i], starts[i + 1])
+        if i + 1 < len(diag):
+            t = slice(starts[i + 1], starts[i + 2])
+            psi = np.kron(*cross[i]) @ np.linalg.inv(diag[i + 1])
+            sigma = diag[i] - psi @ diag[i + 1] @ psi.T
+            xi[s, t] = -psi
+            lam[s, s] = np.linalg.inv(sigma)
+        else:
+            lam[s, s] = np.linalg.inv(diag[i])
+    return xi.T @ lam @ xi, starts

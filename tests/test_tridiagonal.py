@@ -1,0 +1,233 @@
+"""Block-tridiagonal K-FAC: one step against a dense float64 Ξᵀ Λ Ξ, the defining property of the
+approximation (section 4.3 of Martens & Grosse 2015) and the chain detector."""
+
+import keras
+import numpy as np
+import pytest
+import reference as ref
+import tensorflow as tf
+
+import keras_kfac
+from keras_kfac import linalg, tridiagonal
+from keras_kfac.blocks import DenseBlock
+from keras_kfac.model import discover_blocks
+
+LR, DAMPING = 0.5, 1e-2
+# Relative errors seen: ~1e-6 (float32 against float64).
+TOL = 2e-4
+
+ARCHITECTURES = {
+    "3-layer": [(4, "tanh", True), (6, "relu", False), (3, "softmax", True)],
+    "4-layer": [(4, "tanh", True), (6, "sigmoid", True), (4, "relu", True), (3, "softmax", True)],
+}
+
+
+def _kfac(**kwargs):
+    base = dict(
+        learning_rate=LR,
+        momentum=0.0,
+        damping=DAMPING,
+        stats_decay=0.0,
+        inverse_every=1,
+        fisher="empirical",
+        damping_mode="factored",
+        graft=None,
+        stats_every=1,
+        stats_batch_size=None,
+        approximation="block_tridiagonal",
+    )
+    return keras_kfac.KFAC(**{**base, **kwargs})
+
+
+def _blocks_of(matrix, starts):
+    k = len(starts) - 1
+    return [[matrix[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] for j in range(k)] for i in range(k)]
+
+
+@pytest.mark.parametrize("inverse_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
+    rng = np.random.default_rng(0)
+    m = 16
+    x = rng.normal(size=(m, 5)).astype("float32")
+    y = rng.integers(0, 3, size=m)
+    spec = ARCHITECTURES[arch]
+    model = keras_kfac.Sequential(
+        [keras.Input((5,))] + [keras.layers.Dense(n, activation=act, use_bias=bias) for n, act, bias in spec]
+    )
+    layers = [
+        (
+            layer.kernel.numpy().astype(np.float64),
+            None if layer.bias is None else layer.bias.numpy().astype(np.float64),
+            act,
+        )
+        for layer, (_, act, _) in zip(model.layers, spec)
+    ]
+    per_layer = ref.mlp_gradients(x.astype(np.float64), y, layers)
+    factors = [(p["rows_a"].T @ p["rows_a"] / m, p["g"].T @ p["g"] / m) for p in per_layer]
+    cross = [(p["rows_a"].T @ q["rows_a"] / m, p["g"].T @ q["g"] / m) for p, q in zip(per_layer[:-1], per_layer[1:])]
+    inverse, starts = ref.tridiagonal_inverse(factors, cross, DAMPING)
+    gradient = np.concatenate([p["grad"].reshape(-1) for p in per_layer])
+    expected = -LR * inverse @ gradient
+
+    opt = _kfac(inverse_dtype=inverse_dtype)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+
+    state = opt._state.tridiagonal
+    assert state.chains == [list(range(len(spec)))]
+    for (cross_a, cross_g), (exp_a, exp_g) in zip(state.cross, cross):
+        assert ref.rel_err(cross_a.numpy(), exp_a) < TOL
+        assert ref.rel_err(cross_g.numpy(), exp_g) < TOL
+    step = []
+    for layer, (kernel, bias, _) in zip(model.layers, layers):
+        parts = [layer.kernel.numpy() - kernel] + ([] if bias is None else [(layer.bias.numpy() - bias)[None]])
+        step.append(np.concatenate(parts).reshape(-1))
+    step = np.concatenate(step)
+    assert ref.rel_err(step, expected) < TOL
+    # Per layer too, and the cross-layer terms matter: the block-diagonal step is far from it.
+    for i in range(len(spec)):
+        s = slice(starts[i], starts[i + 1])
+        assert ref.rel_err(step[s], expected[s]) < TOL
+    diagonal = np.concatenate(
+        [
+            np.linalg.solve(ref.factored_damped_block(a, g, DAMPING), p["grad"].reshape(-1))
+            for (a, g), p in zip(factors, per_layer)
+        ]
+    )
+    assert ref.rel_err(-LR * diagonal, expected) > 1e-2
+
+
+def _joint_statistics(rng, dims_a, dims_g, n=200):
+    """Factors and cross factors of a chain from joint samples, so that the Fisher blocks are
+    consistent (the Kronecker-factored tridiagonal matrix is positive semi-definite)."""
+    a = [rng.normal(size=(n, d)) * rng.uniform(0.5, 2.0, size=d) for d in dims_a]
+    for i in range(1, len(a)):  # correlate consecutive layers' inputs and gradients
+        a[i][:, : min(dims_a[i], dims_a[i - 1])] += 0.8 * a[i - 1][:, : min(dims_a[i], dims_a[i - 1])]
+    g = [rng.normal(size=(n, d)) for d in dims_g]
+    for i in range(1, len(g)):
+        g[i][:, : min(dims_g[i], dims_g[i - 1])] += 0.8 * g[i - 1][:, : min(dims_g[i], dims_g[i - 1])]
+    factors = [(u.T @ u / n, v.T @ v / n) for u, v in zip(a, g)]
+    cross = [(a[i].T @ a[i + 1] / n, g[i].T @ g[i + 1] / n) for i in range(len(a) - 1)]
+    return factors, cross
+
+
+def test_applied_matrix_matches_damped_fisher_on_tridiagonal_and_its_inverse_is_block_tridiagonal():
+    rng = np.random.default_rng(3)
+    dims_a, dims_g = [3, 4, 5, 3], [4, 5, 3, 2]
+    damping = 0.05
+    factors, cross = _joint_statistics(rng, dims_a, dims_g)
+    f32 = lambda t: tf.constant(t, tf.float32)  # noqa: E731
+    inverses = [linalg.factored_inverses(f32(a), f32(g), damping, tf.float64)[:2] for a, g in factors]
+    links = []
+    for i in range(len(factors) - 1):
+        *state, ok = tridiagonal.link_state(
+            f32(factors[i][0]), f32(factors[i][1]), *inverses[i + 1], f32(cross[i][0]), f32(cross[i][1]), damping,
+            tf.float64,
+        )  # fmt: skip
+        assert bool(ok)
+        links.append(state)
+    sizes = [da * dg for da, dg in zip(dims_a, dims_g)]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    columns = []
+    for col in range(starts[-1]):  # F̂⁻¹ column by column through the package's step
+        unit = np.zeros(starts[-1])
+        unit[col] = 1.0
+        matrices = [f32(unit[starts[i] : starts[i + 1]].reshape(dims_a[i], dims_g[i])) for i in range(len(sizes))]
+        out = tridiagonal.chain_directions(matrices, links, inverses[-1])
+        columns.append(np.concatenate([u.numpy().reshape(-1) for u in out]))
+    applied_inverse = np.array(columns, dtype=np.float64).T
+    expected_inverse, _ = ref.tridiagonal_inverse(factors, cross, damping)
+    assert ref.rel_err(applied_inverse, expected_inverse) < 1e-4
+
+    approx = _blocks_of(np.linalg.inv(applied_inverse), starts)
+    inverse_blocks = _blocks_of(applied_inverse, starts)
+    scale = np.linalg.norm(applied_inverse)
+    for i in range(len(sizes)):
+        damped = ref.factored_damped_block(*factors[i], damping)
+        assert ref.rel_err(approx[i][i], damped) < 1e-4
+        if i + 1 < len(sizes):
+            assert ref.rel_err(approx[i][i + 1], np.kron(*cross[i])) < 1e-4
+            assert ref.rel_err(approx[i + 1][i], np.kron(*cross[i]).T) < 1e-4
+            assert np.linalg.norm(inverse_blocks[i][i + 1]) > 1e-2 * scale  # tridiagonal, not diagonal
+        for j in range(i + 2, len(sizes)):
+            assert np.linalg.norm(inverse_blocks[i][j]) < 1e-6 * scale
+            assert np.linalg.norm(inverse_blocks[j][i]) < 1e-6 * scale
+    # F̂ itself is not tridiagonal: beyond the first off-diagonal it fills in.
+    assert np.linalg.norm(approx[0][2]) > 1e-3 * np.linalg.norm(approx[0][0])
+
+
+def _dense_names(model, chains):
+    blocks = discover_blocks(model)[0]
+    return [[blocks[i].name for i in chain] for chain in chains]
+
+
+def test_chains_in_sequential_model():
+    d = keras.layers.Dense
+    model = keras_kfac.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(2, 3, name="conv"),
+            keras.layers.Flatten(),
+            d(8, activation="relu", name="d1"),
+            d(8, activation="tanh", name="d2"),
+            keras.layers.Dropout(0.1),
+            d(6, activation="relu", name="d3"),
+            d(5, activation="sigmoid", name="d4"),
+            d(4, name="d5"),
+            keras.layers.Activation("softmax"),
+        ]
+    )
+    blocks = discover_blocks(model)[0]
+    chains = tridiagonal.find_chains(model, blocks)
+    assert _dense_names(model, chains) == [["d1", "d2"], ["d3", "d4", "d5"]]
+    text = model.kfac_summary(print_fn=None)
+    assert "d1 → d2" in text and "d3 → d4 → d5" in text
+
+
+def test_chains_in_functional_model_with_branches_and_shared_layer():
+    d = keras.layers.Dense
+    inputs = keras.Input((5,))
+    h = d(8, activation="relu", name="d1")(inputs)
+    h = d(8, activation="relu", name="d2")(h)  # its output feeds two layers: the chain ends here
+    left = d(4, activation="tanh", name="left")(h)
+    right = d(4, activation="tanh", name="right")(h)
+    h = keras.layers.Concatenate()([left, right])
+    h = d(6, activation="relu", name="d3")(h)
+    h = d(6, activation="relu", name="d4")(h)
+    shared = d(6, activation="relu", name="shared")
+    h = shared(shared(h))  # a layer called twice is in no chain
+    h = d(5, activation="relu", name="d5")(h)
+    outputs = d(3, activation="softmax", name="d6")(h)
+    extra = d(2, name="d7")(h)  # d5's output also feeds d7: d5 → d6 is not a chain
+    model = keras_kfac.Model(inputs, [outputs, extra])
+    chains = tridiagonal.find_chains(model, discover_blocks(model)[0])
+    assert _dense_names(model, chains) == [["d1", "d2"], ["d3", "d4"]]
+
+
+def test_subclassed_model_has_no_chains_and_trains_block_diagonal():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = keras.layers.Dense(4, activation="tanh")
+            self.d2 = keras.layers.Dense(3, activation="softmax")
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 5)).astype("float32"), rng.integers(0, 3, size=8)
+    model = keras_kfac.wrap(Net())
+    model(x)
+    assert tridiagonal.find_chains(model, discover_blocks(model)[0]) == []
+    model.compile(optimizer=_kfac(), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+    assert model.optimizer._state.tridiagonal.chains == []
+    assert all(isinstance(b, DenseBlock) for b in model.optimizer.blocks)
+
+
+def test_eigen_damping_with_tridiagonal_is_an_error():
+    with pytest.raises(ValueError, match="damping_mode='factored'"):
+        keras_kfac.KFAC(approximation="block_tridiagonal", damping_mode="eigen")
+    with pytest.raises(ValueError, match="approximation"):
+        keras_kfac.KFAC(approximation="tridiagonal")
