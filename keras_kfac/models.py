@@ -8,7 +8,10 @@ import keras
 
 from keras_kfac.model import Sequential
 
-__all__ = ["alexnet", "mlp"]
+__all__ = ["alexnet", "mlp", "deep_autoencoder"]
+
+# The MNIST deep autoencoder of Hinton & Salakhutdinov (2006), as in Martens & Grosse (2015).
+AUTOENCODER_UNITS = (1000, 500, 250, 30, 250, 500, 1000)
 
 # AlexNet's (Krizhevsky et al., 2012) widths: five convolutions, then two hidden dense layers.
 ALEXNET_CONV_FILTERS = (96, 256, 384, 384, 256)
@@ -90,3 +93,19 @@ def mlp(
         layers.append(keras.layers.Dense(units, activation="relu", name=f"fc{i}"))
     layers.append(keras.layers.Dense(num_classes, activation="softmax", name="predictions"))
     return Sequential(layers, name="mlp")
+
+
+def deep_autoencoder(inputs: int = 784, units: Sequence[int] = AUTOENCODER_UNITS, code_index: int = 3) -> Sequential:
+    """784-1000-500-250-30-250-500-1000-784: logistic hidden layers, a linear code layer
+    (`units[code_index]`), and a linear output layer giving logits for a sigmoid cross-entropy
+    on the pixels (compile with `keras.losses.BinaryCrossentropy(from_logits=True)`).
+
+    Every Dense layer's output is the next one's only input, so the eight layers form one chain
+    for `KFAC(approximation="block_tridiagonal")`.  Keras' default (Glorot uniform) initializer.
+    """
+    layers: list = [keras.Input(shape=(inputs,))]
+    for i, width in enumerate(units):
+        activation = None if i == code_index else "sigmoid"
+        layers.append(keras.layers.Dense(width, activation=activation, name=f"dense{i + 1}"))
+    layers.append(keras.layers.Dense(inputs, name="logits"))
+    return Sequential(layers, name="deep_autoencoder")
