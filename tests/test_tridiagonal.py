@@ -44,17 +44,20 @@ def _blocks_of(matrix, starts):
     return [[matrix[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] for j in range(k)] for i in range(k)]
 
 
-@pytest.mark.parametrize("inverse_dtype", ["float32", "float64"])
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
-    rng = np.random.default_rng(0)
-    m = 16
-    x = rng.normal(size=(m, 5)).astype("float32")
-    y = rng.integers(0, 3, size=m)
-    spec = ARCHITECTURES[arch]
-    model = keras_kfac.Sequential(
+def _mlp(spec):
+    return keras_kfac.Sequential(
         [keras.Input((5,))] + [keras.layers.Dense(n, activation=act, use_bias=bias) for n, act, bias in spec]
     )
+
+
+def _data(m=16):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(m, 5)).astype("float32"), rng.integers(0, 3, size=m)
+
+
+def _reference(model, spec, x, y):
+    """float64 weights, per-layer statistics, cross factors and F̂⁻¹∇ (dense Ξᵀ Λ Ξ)."""
+    m = x.shape[0]
     layers = [
         (
             layer.kernel.numpy().astype(np.float64),
@@ -68,7 +71,26 @@ def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
     cross = [(p["rows_a"].T @ q["rows_a"] / m, p["g"].T @ q["g"] / m) for p, q in zip(per_layer[:-1], per_layer[1:])]
     inverse, starts = ref.tridiagonal_inverse(factors, cross, DAMPING)
     gradient = np.concatenate([p["grad"].reshape(-1) for p in per_layer])
-    expected = -LR * inverse @ gradient
+    return dict(layers=layers, per_layer=per_layer, factors=factors, cross=cross, starts=starts,
+                gradient=gradient, direction=inverse @ gradient)  # fmt: skip
+
+
+def _step(model, layers):
+    step = []
+    for layer, (kernel, bias, _) in zip(model.layers, layers):
+        parts = [layer.kernel.numpy() - kernel] + ([] if bias is None else [(layer.bias.numpy() - bias)[None]])
+        step.append(np.concatenate(parts).reshape(-1))
+    return np.concatenate(step)
+
+
+@pytest.mark.parametrize("inverse_dtype", ["float32", "float64"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
+    x, y = _data()
+    spec = ARCHITECTURES[arch]
+    model = _mlp(spec)
+    r = _reference(model, spec, x, y)
+    expected, starts = -LR * r["direction"], r["starts"]
 
     opt = _kfac(inverse_dtype=inverse_dtype)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
@@ -76,26 +98,73 @@ def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
 
     state = opt._state.tridiagonal
     assert state.chains == [list(range(len(spec)))]
-    for (cross_a, cross_g), (exp_a, exp_g) in zip(state.cross, cross):
+    for (cross_a, cross_g), (exp_a, exp_g) in zip(state.cross, r["cross"]):
         assert ref.rel_err(cross_a.numpy(), exp_a) < TOL
         assert ref.rel_err(cross_g.numpy(), exp_g) < TOL
-    step = []
-    for layer, (kernel, bias, _) in zip(model.layers, layers):
-        parts = [layer.kernel.numpy() - kernel] + ([] if bias is None else [(layer.bias.numpy() - bias)[None]])
-        step.append(np.concatenate(parts).reshape(-1))
-    step = np.concatenate(step)
+    step = _step(model, r["layers"])
     assert ref.rel_err(step, expected) < TOL
-    # Per layer too, and the cross-layer terms matter: the block-diagonal step is far from it.
-    for i in range(len(spec)):
+    for i in range(len(spec)):  # per layer too
         s = slice(starts[i], starts[i + 1])
         assert ref.rel_err(step[s], expected[s]) < TOL
+    # The cross-layer terms matter: the block-diagonal step is far from it.
     diagonal = np.concatenate(
         [
             np.linalg.solve(ref.factored_damped_block(a, g, DAMPING), p["grad"].reshape(-1))
-            for (a, g), p in zip(factors, per_layer)
+            for (a, g), p in zip(r["factors"], r["per_layer"])
         ]
     )
     assert ref.rel_err(-LR * diagonal, expected) > 1e-2
+
+
+@pytest.mark.parametrize("option", ["graft_sgd", "kl_clip"])
+def test_graft_and_kl_clip_act_on_the_tridiagonal_direction(option):
+    x, y = _data()
+    spec = ARCHITECTURES["3-layer"]
+    model = _mlp(spec)
+    r = _reference(model, spec, x, y)
+    u, grad, starts = r["direction"], r["gradient"], r["starts"]
+    if option == "graft_sgd":
+        kwargs = dict(graft="sgd")
+        expected = np.concatenate(
+            [
+                u[s] * np.linalg.norm(grad[s]) / np.linalg.norm(u[s])
+                for s in (slice(starts[i], starts[i + 1]) for i in range(len(spec)))
+            ]
+        )
+    else:
+        kl_clip = 1e-3
+        nu = min(1.0, np.sqrt(kl_clip / (LR**2 * np.sum(u * grad))))
+        assert nu < 0.5  # the clip is active
+        kwargs = dict(kl_clip=kl_clip)
+        expected = nu * u
+    model.compile(optimizer=_kfac(**kwargs), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+    assert ref.rel_err(_step(model, r["layers"]), -LR * expected) < TOL
+
+
+def test_saved_state_resumes_the_same_run(tmp_path):
+    x, y = _data()
+    spec = ARCHITECTURES["4-layer"]
+    model = _mlp(spec)
+    model.compile(
+        optimizer=_kfac(momentum=0.9, stats_decay=0.9, inverse_every=2), loss="sparse_categorical_crossentropy"
+    )
+    model.train_on_batch(x, y)
+    path = str(tmp_path / "run.keras")
+    model.save(path)
+    model.train_on_batch(x[::-1], y[::-1])
+    model.train_on_batch(x, y)
+    loaded = keras.models.load_model(path)
+    assert loaded.optimizer.approximation == "block_tridiagonal"
+    saved_cross = [v.numpy() for pair in loaded.optimizer._state.tridiagonal.cross for v in pair]
+    assert all(np.any(c != 0) for c in saved_cross)
+    loaded.train_on_batch(x[::-1], y[::-1])
+    loaded.train_on_batch(x, y)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(model.optimizer._state.tridiagonal.state, loaded.optimizer._state.tridiagonal.state):
+        for va, vb in zip(a, b):
+            np.testing.assert_array_equal(va.numpy(), vb.numpy())
 
 
 def _joint_statistics(rng, dims_a, dims_g, n=200):
