@@ -116,8 +116,8 @@ def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
     assert ref.rel_err(-LR * diagonal, expected) > 1e-2
 
 
-@pytest.mark.parametrize("option", ["graft_sgd", "kl_clip"])
-def test_graft_and_kl_clip_act_on_the_tridiagonal_direction(option):
+@pytest.mark.parametrize("option", ["graft_sgd", "kl_clip", "xla"])
+def test_graft_kl_clip_and_xla_inversions_on_the_tridiagonal_direction(option):
     x, y = _data()
     spec = ARCHITECTURES["3-layer"]
     model = _mlp(spec)
@@ -131,6 +131,9 @@ def test_graft_and_kl_clip_act_on_the_tridiagonal_direction(option):
                 for s in (slice(starts[i], starts[i + 1]) for i in range(len(spec)))
             ]
         )
+    elif option == "xla":  # statistics and inversions (Cholesky, eigh) XLA-compiled as on GPU/TPU
+        kwargs = dict(inverse_jit=True, statistics_jit=True)
+        expected = u
     else:
         kl_clip = 1e-3
         nu = min(1.0, np.sqrt(kl_clip / (LR**2 * np.sum(u * grad))))
