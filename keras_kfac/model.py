@@ -28,7 +28,7 @@ from keras_kfac import fisher as fisher_lib
 from keras_kfac.blocks import block_for_layer
 from keras_kfac.capture import capture
 from keras_kfac.optimizer import KFAC
-from keras_kfac.tridiagonal import find_chains
+from keras_kfac.tridiagonal import chain_bytes, find_chains
 
 __all__ = ["Model", "Sequential", "wrap", "discover_blocks"]
 
@@ -129,8 +129,13 @@ class KFACTrainStep:
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
         chains = find_chains(self, blocks)
         if chains:
-            lines.append("Chains of Dense layers (block-tridiagonal with approximation='block_tridiagonal'):")
-            lines += ["  " + " → ".join(blocks[i].name for i in chain) for chain in chains]
+            lines.append(
+                "Chains of Dense layers (block-tridiagonal with approximation='block_tridiagonal'; extra state):"
+            )
+            lines += [
+                f"  {' → '.join(blocks[i].name for i in chain)} (+{chain_bytes(blocks, chain) / 2**20:.3f} MiB)"
+                for chain in chains
+            ]
         if others:
             lines.append("Updated by the fallback optimizer (no K-FAC block):")
             for layer, reason in others:

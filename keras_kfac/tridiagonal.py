@@ -111,6 +111,16 @@ def find_chains(model, blocks: list) -> list[list[int]]:
     return chains
 
 
+def chain_bytes(blocks: list, chain: list[int]) -> int:
+    """float32 bytes a chain adds to the block-diagonal state: per link the cross factors and
+    (Ψᴬ, Ψᴳ, K_1, s_1, K_2, s_2)."""
+    total = 0
+    for i, j in zip(chain[:-1], chain[1:]):
+        da, dg, na, ng = blocks[i].dim_a, blocks[i].dim_g, blocks[j].dim_a, blocks[j].dim_g
+        total += 4 * (2 * (da * na + dg * ng) + da * da + da + dg * dg + dg)
+    return total
+
+
 # ------------------------------------------------------------------------ statistics
 def cross_gram(rows_x: tf.Tensor, ones_x: bool, rows_y: tf.Tensor, ones_y: bool) -> tf.Tensor:
     """Σ_rows x̄ ȳᵀ for x̄ = [x, 1] (if `ones_x`) and ȳ = [y, 1] (if `ones_y`)."""

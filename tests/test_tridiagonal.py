@@ -254,7 +254,10 @@ def test_chains_in_sequential_model():
     chains = tridiagonal.find_chains(model, blocks)
     assert _dense_names(model, chains) == [["d1", "d2"], ["d3", "d4", "d5"]]
     text = model.kfac_summary(print_fn=None)
-    assert "d1 → d2" in text and "d3 → d4 → d5" in text
+    assert "d1 → d2 (+" in text and "d3 → d4 → d5 (+" in text
+    # d3 (A 9x9, G 6x6) → d4 (7x7, 5x5) → d5 (6x6, 4x4): per link the cross factors and Ψ (twice), K_1, s_1, K_2, s_2.
+    floats = 2 * (9 * 7 + 6 * 5) + 9 * 9 + 9 + 6 * 6 + 6 + 2 * (7 * 6 + 5 * 4) + 7 * 7 + 7 + 5 * 5 + 5
+    assert tridiagonal.chain_bytes(blocks, chains[1]) == 4 * floats
 
 
 def test_chains_in_functional_model_with_branches_and_shared_layer():
