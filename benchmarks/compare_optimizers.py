@@ -44,6 +44,7 @@ from keras_kfac.models import alexnet  # noqa: E402
 
 VALIDATION_SIZE = 5000
 THRESHOLDS = (0.85, 0.88, 0.90)
+EVAL_BATCH = 2000
 SMOOTHING = 50  # steps in the moving average used to compare training losses
 
 # Candidates per optimizer: name -> list of keyword dicts.  K-FAC's grid covers the levers the
@@ -91,6 +92,7 @@ class Recorder(keras.callbacks.Callback):
         self.eval_data = eval_data
         self.max_steps = max_steps
         self.losses, self.step_seconds, self.evals = [], [], []
+        self._predict = None
         self._running = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -112,13 +114,17 @@ class Recorder(keras.callbacks.Callback):
             self.model.stop_training = True
 
     def evaluate(self, step):
-        # `evaluate` resets the metrics that `fit` is accumulating (the loss tracker among
-        # them); restore them so the running mean, hence the per-step loss, stays right.
-        saved = [v.numpy() for v in self.model.metrics_variables]
-        x, y = self.eval_data
-        _, accuracy = self.model.evaluate(x, y, batch_size=1000, verbose=0)
-        for variable, value in zip(self.model.metrics_variables, saved):
-            variable.assign(value)
+        # A plain inference function over fixed tensors: cheaper than `model.evaluate`, which
+        # also builds a data pipeline per call and resets the metrics `fit` is accumulating.
+        if self._predict is None:
+            model = self.model
+            self._predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
+        images, labels = self.eval_data
+        correct = sum(
+            int(np.sum(self._predict(images[i : i + EVAL_BATCH]).numpy() == labels[i : i + EVAL_BATCH]))
+            for i in range(0, len(labels), EVAL_BATCH)
+        )
+        accuracy = correct / len(labels)
         self.evals.append(
             {"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": float(accuracy)}
         )
@@ -172,7 +178,7 @@ def initial_weights(seed: int):
 def sweep(train_arrays, batch_size: int, steps: int) -> dict:
     (x, y) = train_arrays
     fit_data = (x[:-VALIDATION_SIZE], y[:-VALIDATION_SIZE])
-    val = (x[-VALIDATION_SIZE:].astype("float32") / 255.0, y[-VALIDATION_SIZE:])
+    val = (tf.constant(x[-VALIDATION_SIZE:].astype("float32") / 255.0), y[-VALIDATION_SIZE:])
     weights = initial_weights(0)
     results = {}
     for kind, candidates in SWEEP.items():
@@ -367,7 +373,7 @@ def main(argv=None):
         return
     os.makedirs(args.out, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
-    test = (x_test.astype("float32") / 255.0, y_test)
+    test = (tf.constant(x_test.astype("float32") / 255.0), y_test)
     seeds = [int(s) for s in args.seeds.split(",")]
     print(f"# compare_optimizers.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
