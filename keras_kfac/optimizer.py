@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
-from keras_kfac import linalg
+from keras_kfac import distributed, linalg
 
 FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = (None, "adam", "sgd")
@@ -103,6 +103,8 @@ class KFAC(keras.optimizers.Optimizer):
         statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU, where XLA's patch extraction
             is about 3x slower), True or False.
         seed: integer mixed with the step counter to seed the sampled targets.
+        distribute_inverses: under a tf.distribute strategy, each block is inverted by one
+            replica and shared (True), or every replica inverts every block (False).
         **kwargs: the usual Keras optimizer arguments (weight_decay, clipnorm, ...).
     """
 
@@ -126,6 +128,7 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_dtype="float32",
         statistics_jit="auto",
         seed=0,
+        distribute_inverses=True,
         name="kfac",
         **kwargs,
     ):
@@ -182,6 +185,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
         self.seed = seed
+        self.distribute_inverses = bool(distribute_inverses)
         if isinstance(damping, LearningRateSchedule):
             self._damping = damping
         else:
@@ -332,8 +336,9 @@ class KFAC(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------- loss scaling
     def loss_scale(self) -> tf.Tensor:
         """The factor the loss is multiplied by before differentiation (float32): the static
-        `loss_scale_factor` and, under a `LossScaleOptimizer`, its dynamic scale."""
-        scale = tf.constant(float(self.loss_scale_factor or 1.0), tf.float32)
+        `loss_scale_factor`, under a `LossScaleOptimizer` its dynamic scale, and under a
+        strategy Keras' 1 / num_replicas."""
+        scale = tf.constant(float(self.loss_scale_factor or 1.0) / distributed.num_replicas(), tf.float32)
         scaler = self.loss_scaler
         if scaler is not None and scaler.built:
             scale = scale * tf.cast(scaler.dynamic_scale, tf.float32)
@@ -409,6 +414,7 @@ class KFAC(keras.optimizers.Optimizer):
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_a)))
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_g)))
             batch.append((factor_a, factor_g))
+        batch, ok = distributed.reduce_statistics(batch, ok)  # replica average under a strategy
 
         def assign():
             count = self._stats_updates + 1
@@ -455,6 +461,8 @@ class KFAC(keras.optimizers.Optimizer):
         A step whose loss, gradients or statistics are not finite changes nothing but the
         `skipped_steps` counter.
         """
+        if distributed.replicated():
+            return distributed.kfac_step(self, grads, variables, loss, statistics_fn)
         finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))
         for g in grads:
             if g is not None:
@@ -517,6 +525,16 @@ class KFAC(keras.optimizers.Optimizer):
             self._iterations.assign_add(1)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if distributed.replicated():  # precondition the all-reduced gradients, then update as Keras does
+            pairs = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
+            directions = self.precondition([g for g, _ in pairs], trainable_variables, learning_rate)
+            pairs = [
+                (d, v.value if isinstance(v, keras.Variable) else v) for d, v in zip(directions, trainable_variables)
+            ]
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
+            )
+            return
         directions = self.precondition(grads, trainable_variables, learning_rate)
         super()._backend_update_step(directions, trainable_variables, learning_rate)
 
@@ -645,6 +663,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "inverse_dtype": self.inverse_dtype,
                 "statistics_jit": self.statistics_jit,
                 "seed": self.seed,
+                "distribute_inverses": self.distribute_inverses,
             }
         )
         return config
