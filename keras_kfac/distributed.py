@@ -26,15 +26,22 @@ from keras_kfac import linalg
 
 
 def replicated() -> bool:
-    """True inside `strategy.run` of a strategy with more than one replica."""
-    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
-        return False
-    return tf.distribute.get_strategy().num_replicas_in_sync > 1
+    """True inside `strategy.run` of a (non-default) strategy, one replica included."""
+    return tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
 
 
 def num_replicas() -> int:
     """Replicas in sync under the current strategy (1 without one)."""
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_seed(seed: tf.Tensor) -> tf.Tensor:
+    """`seed` on one device; under a strategy, `seed` folded with the replica id, so that the
+    replicas draw independent sampled targets for their examples."""
+    if not replicated():
+        return seed
+    replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+    return tf.cast(tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int32)), tf.int64)
 
 
 def _collective_ops(strategy):

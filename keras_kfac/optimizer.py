@@ -390,8 +390,9 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.equal(tf.math.floormod(self.iterations, every), 0)
 
     def sampling_seed(self) -> tf.Tensor:
-        """Stateless seed for this step's sampled targets."""
-        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
+        """Stateless seed for this step's sampled targets (under a strategy, one per replica)."""
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
+        return distributed.replica_seed(seed)
 
     def _update_statistics(self, inputs, preact_grads, num_examples):
         """Moving-average update of every factor; returns False (and changes nothing) if the
