@@ -60,9 +60,9 @@ def _collective_ops(strategy):
 def all_reduce(values: list, op: str = "mean") -> list:
     """All-reduces a list of float32 tensors over the replicas ("sum" or "mean"), from replica
     context and also inside `tf.cond` and nested functions (no merge_call)."""
-    if not values:
-        return []
     strategy = tf.distribute.get_strategy()
+    if not values or strategy.num_replicas_in_sync == 1:  # no collective for a group of one
+        return list(values)
     ctx = tf.distribute.get_replica_context()
     reduce_op = tf.distribute.ReduceOp.SUM if op == "sum" else tf.distribute.ReduceOp.MEAN
     options = getattr(strategy.extended, "_communication_options", None)
