@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import distributed_worker as worker
 import numpy as np
@@ -29,32 +30,73 @@ def _env(**extra):
     return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p), TF_CPP_MIN_LOG_LEVEL="3", **extra)
 
 
-def _run(processes: list, outputs: list) -> list:
-    """Waits for every process (killing all on the timeout); fails with the output of any that
-    failed or hung."""
-    texts = []
-    try:
-        for process in processes:
-            text, _ = process.communicate(timeout=TIMEOUT_S)
-            texts.append(text)
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        texts = [p.communicate()[0] for p in processes]
-        joined = "\n-----\n".join(t[-4000:] for t in texts)
-        pytest.fail(f"timeout after {TIMEOUT_S} s; outputs:\n{joined}")
-    for i, (process, text) in enumerate(zip(processes, texts)):
-        if process.returncode != 0:
-            pytest.fail(f"process {i} exited with {process.returncode}:\n{text[-6000:]}")
-    return [dict(np.load(path)) for path in outputs]
+class _Job:
+    """A worker process whose output goes to a file (no pipe to fill up)."""
+
+    def __init__(self, folder, name, mode, command=None, **env):
+        self.out = str(folder / f"{name}.npz")
+        self.log_path = folder / f"{name}.log"
+        command = command or [sys.executable, os.path.join(HERE, "distributed_worker.py"), mode, self.out]
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(command, env=_env(**env), stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-6000:]
+
+
+def _wait(jobs: list) -> list:
+    """Waits for the jobs; as soon as one fails, or after TIMEOUT_S, kills the others and fails
+    with every job's output (a dead worker would leave its peer waiting forever)."""
+    start = time.monotonic()
+    while True:
+        codes = [job.process.poll() for job in jobs]
+        failed = any(code not in (None, 0) for code in codes)
+        late = time.monotonic() - start > TIMEOUT_S
+        if failed or late:
+            for job in jobs:
+                if job.process.poll() is None:
+                    job.process.kill()
+                job.process.wait()
+            what = "a process failed" if failed else f"timeout after {TIMEOUT_S} s"
+            outputs = "\n".join(
+                f"----- process {i} (exit {j.process.returncode}):\n{j.log()}" for i, j in enumerate(jobs)
+            )
+            pytest.fail(f"{what}:\n{outputs}")
+        if all(code == 0 for code in codes):
+            return [dict(np.load(job.out)) for job in jobs]
+        time.sleep(0.2)
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 @pytest.fixture(scope="module")
-def mirrored(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("mirrored") / "results.npz")
-    command = [sys.executable, os.path.join(HERE, "distributed_worker.py"), "mirrored", out]
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return _run([process], [out])[0]
+def jobs(tmp_path_factory):
+    """Starts the MirroredStrategy process and the two workers together (they overlap on a
+    machine with several cores); kills whatever is left at the end."""
+    folder = tmp_path_factory.mktemp("distributed")
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    started = {"mirrored": [_Job(folder, "mirrored", "mirrored")], "workers": []}
+    for i in range(2):
+        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        started["workers"].append(_Job(folder, f"worker{i}", "worker", TF_CONFIG=config))
+    yield started
+    for job in started["mirrored"] + started["workers"]:
+        if job.process.poll() is None:
+            job.process.kill()
+        job.process.wait()
+
+
+@pytest.fixture(scope="module")
+def mirrored(jobs):
+    return _wait(jobs["mirrored"])[0]
 
 
 def _single_device(epochs=1, **settings):
@@ -127,30 +169,19 @@ def test_owners_put_the_largest_cost_on_the_least_loaded_replica():
     assert distributed.owners([7], 4) == [0]
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def test_multi_worker_two_processes_equal_one_device(tmp_path):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    outputs = [str(tmp_path / f"worker{i}.npz") for i in range(2)]
-    processes = []
-    for i, out in enumerate(outputs):
-        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-        command = [sys.executable, os.path.join(HERE, "distributed_worker.py"), "worker", out]
-        processes.append(
-            subprocess.Popen(
-                command, env=_env(TF_CONFIG=config), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
-        )
-    first, second = _run(processes, outputs)
+def test_multi_worker_two_processes_equal_one_device(jobs):
+    first, second = _wait(jobs["workers"])
     assert first.keys() == second.keys()
     for key in first:
         np.testing.assert_array_equal(first[key], second[key], err_msg=key)
     _assert_close(_single_device(), first, "")
+
+
+def test_a_dead_worker_fails_the_wait_at_once_with_its_output(tmp_path):
+    dead = _Job(tmp_path, "dead", None, command=[sys.executable, "-c", "print('worker 0 died here'); exit(3)"])
+    waiting = _Job(tmp_path, "waiting", None, command=[sys.executable, "-c", "import time; time.sleep(600)"])
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="(?s)a process failed.*exit 3.*worker 0 died here"):
+        _wait([dead, waiting])
+    assert time.monotonic() - start < 30
+    assert waiting.process.returncode is not None  # killed, not left behind
