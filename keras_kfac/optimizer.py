@@ -168,6 +168,10 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(f"`inverse_dtype` must be 'float32' or 'float64'; received {inverse_dtype!r}.")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer; received seed={seed!r}.")
+        if not isinstance(distribute_inverses, bool):
+            raise ValueError(
+                f"`distribute_inverses` must be True or False; received distribute_inverses={distribute_inverses!r}."
+            )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
         self.stats_decay = float(stats_decay)
@@ -185,7 +189,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
         self.seed = seed
-        self.distribute_inverses = bool(distribute_inverses)
+        self.distribute_inverses = distribute_inverses
         if isinstance(damping, LearningRateSchedule):
             self._damping = damping
         else:

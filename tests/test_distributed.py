@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import reference as ref
 
+import keras_kfac
 from keras_kfac import distributed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -160,6 +161,13 @@ def test_each_inverse_is_computed_by_its_owner_and_shared(mirrored):
                 inv_a, inv_g = _factored_inverses(a[source], g[source], damping)
                 assert ref.rel_err(mirrored[f"owners_{tag}_{b}_inv_a"][replica], inv_a) <= 1e-5
                 assert ref.rel_err(mirrored[f"owners_{tag}_{b}_inv_g"][replica], inv_g) <= 1e-5
+
+
+def test_distribute_inverses_is_checked_and_saved():
+    with pytest.raises(ValueError, match="distribute_inverses"):
+        keras_kfac.KFAC(distribute_inverses="yes")
+    restored = keras_kfac.KFAC.from_config(keras_kfac.KFAC(distribute_inverses=False).get_config())
+    assert restored.distribute_inverses is False
 
 
 def test_owners_put_the_largest_cost_on_the_least_loaded_replica():
