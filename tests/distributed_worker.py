@@ -61,9 +61,15 @@ def build(damping_mode="factored", distribute_inverses=True):
     return model
 
 
-def train(model, epochs=1):
+def train(model, epochs=1, nan_row=None):
     x, y = data()
+    if nan_row is not None:  # a non-finite input in one replica's half of one batch
+        x = x.copy()
+        x[nan_row, 2] = np.nan
     model.fit(x, y, batch_size=BATCH, epochs=epochs, shuffle=False, verbose=0)
+
+
+NAN_ROW = BATCH + 3  # second step, first replica's half
 
 
 def state(model, prefix="") -> dict:
@@ -143,6 +149,11 @@ def mirrored(path):
     train(model)
     results.update(state(model, "to_mirrored_"))
     results.update(replica_copies(strategy, model, "to_mirrored_replicas_"))
+    with strategy.scope():
+        model = build()
+    train(model, nan_row=NAN_ROW)
+    results.update(state(model, "nan_"))
+    results.update(replica_copies(strategy, model, "nan_replicas_"))
     results.update(inverse_owners(strategy, True))
     results.update(inverse_owners(strategy, False))
     np.savez(path, **results)

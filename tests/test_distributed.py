@@ -138,6 +138,17 @@ def test_checkpoints_move_between_a_strategy_and_one_device(mirrored):
     _assert_replicas_identical(mirrored, "to_mirrored_replicas_")
 
 
+def test_a_non_finite_batch_on_one_replica_skips_the_step_on_all(mirrored):
+    model = worker.build()
+    worker.train(model, nan_row=worker.NAN_ROW)
+    assert int(model.optimizer.skipped_steps.numpy()) == 1
+    expected = worker.state(model)  # one device skips the same step
+    _assert_close(expected, mirrored, "nan_")
+    _assert_replicas_identical(mirrored, "nan_replicas_")
+    for key in expected:
+        assert np.all(np.isfinite(mirrored["nan_" + key])), key
+
+
 def _factored_inverses(a, g, damping):
     """float64 (A + π√λ I)⁻¹, (G + √λ/π I)⁻¹."""
     a, g = a.astype(np.float64), g.astype(np.float64)
