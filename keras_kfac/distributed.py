@@ -58,8 +58,9 @@ def _collective_ops(strategy):
 
 
 def all_reduce(values: list, op: str = "mean") -> list:
-    """All-reduces a list of float32 tensors over the replicas ("sum" or "mean"), from replica
-    context and also inside `tf.cond` and nested functions (no merge_call)."""
+    """All-reduces a list of float32 tensors over the replicas ("sum" or "mean") from replica
+    context, inside `tf.cond` too (no merge_call). Uses TensorFlow's private
+    `CollectiveAllReduce._all_reduce`, the path TF itself takes when merge_call is off."""
     strategy = tf.distribute.get_strategy()
     if not values or strategy.num_replicas_in_sync == 1:  # no collective for a group of one
         return list(values)
