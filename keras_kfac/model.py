@@ -93,6 +93,39 @@ class KFACTrainStep:
         finally:
             self._jit_compile = saved
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras builds from `strategy.reduce("MEAN", first_batch)`, which fails with several
+        # MultiWorkerMirroredStrategy workers (their reduce takes no (x, y) structure); the first
+        # local replica's batch has the same shapes and needs no communication.
+        strategy = self._distribute_strategy
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, it in iterator:
+            batch = next(it)
+            data_batch = keras.tree.map_structure(
+                lambda t: (
+                    strategy.experimental_local_results(t)[0] if isinstance(t, tf.distribute.DistributedValues) else t
+                ),
+                batch,
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        # With several MultiWorkerMirroredStrategy workers Keras reduces every log value with
+        # strategy.reduce("MEAN", v, axis=0), which fails for scalars; as shape-(1,) tensors they
+        # reduce to the same mean.
+        strategy = self._distribute_strategy
+        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return super()._make_function(step_function)
+
+        def step_with_vector_logs(data):
+            logs = step_function(data)
+            return keras.tree.map_structure(lambda t: tf.reshape(t, (1,)) if t.shape.rank == 0 else t, logs)
+
+        return super()._make_function(step_with_vector_logs)
+
     def kfac_summary(self, print_fn=print) -> str:
         """Prints (and returns) which layer got which block, its factor shapes and memory."""
         blocks, others = discover_blocks(self)

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
-from keras_kfac import linalg, tridiagonal
+from keras_kfac import distributed, linalg, tridiagonal
 
 FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = (None, "adam", "sgd")
@@ -108,6 +108,8 @@ class KFAC(keras.optimizers.Optimizer):
             Dense layers also keep the cross-layer factors of consecutive layers and apply
             F̂⁻¹ = Ξᵀ Λ Ξ (Martens & Grosse 2015, section 4.3; see `keras_kfac.tridiagonal`);
             needs damping_mode="factored".  Other layers stay block-diagonal.
+        distribute_inverses: under a tf.distribute strategy, each block is inverted by one
+            replica and shared (True), or every replica inverts every block (False).
         **kwargs: the usual Keras optimizer arguments (weight_decay, clipnorm, ...).
     """
 
@@ -132,6 +134,7 @@ class KFAC(keras.optimizers.Optimizer):
         statistics_jit="auto",
         seed=0,
         approximation="block_diagonal",
+        distribute_inverses=True,
         name="kfac",
         **kwargs,
     ):
@@ -180,6 +183,9 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(
                 "`approximation='block_tridiagonal'` needs `damping_mode='factored'` (the damped diagonal "
                 f"blocks must be Kronecker products); received damping_mode={damping_mode!r}."
+        if not isinstance(distribute_inverses, bool):
+            raise ValueError(
+                f"`distribute_inverses` must be True or False; received distribute_inverses={distribute_inverses!r}."
             )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
@@ -199,6 +205,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.statistics_jit = statistics_jit
         self.seed = seed
         self.approximation = approximation
+        self.distribute_inverses = distribute_inverses
         if isinstance(damping, LearningRateSchedule):
             self._damping = damping
         else:
@@ -300,6 +307,12 @@ class KFAC(keras.optimizers.Optimizer):
                     )
                 )
         if self.approximation == "block_tridiagonal":
+            if tf.distribute.has_strategy():
+                raise NotImplementedError(
+                    "approximation='block_tridiagonal' under a tf.distribute strategy is not supported yet "
+                    "(its cross-layer statistics and link inverses are not all-reduced); use "
+                    "approximation='block_diagonal' there."
+                )
             state.tridiagonal = tridiagonal.TridiagonalState(tridiagonal.find_chains(model, blocks) if model else [])
             state.tridiagonal.build(self, blocks)
         block_vars = [v for v in variables if self._var_key(v) in state.block_keys]
@@ -352,8 +365,9 @@ class KFAC(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------- loss scaling
     def loss_scale(self) -> tf.Tensor:
         """The factor the loss is multiplied by before differentiation (float32): the static
-        `loss_scale_factor` and, under a `LossScaleOptimizer`, its dynamic scale."""
-        scale = tf.constant(float(self.loss_scale_factor or 1.0), tf.float32)
+        `loss_scale_factor`, under a `LossScaleOptimizer` its dynamic scale, and under a
+        strategy Keras' 1 / num_replicas."""
+        scale = tf.constant(float(self.loss_scale_factor or 1.0) / distributed.num_replicas(), tf.float32)
         scaler = self.loss_scaler
         if scaler is not None and scaler.built:
             scale = scale * tf.cast(scaler.dynamic_scale, tf.float32)
@@ -405,8 +419,9 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.equal(tf.math.floormod(self.iterations, every), 0)
 
     def sampling_seed(self) -> tf.Tensor:
-        """Stateless seed for this step's sampled targets."""
-        return tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
+        """Stateless seed for this step's sampled targets (under a strategy, one per replica)."""
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
+        return distributed.replica_seed(seed)
 
     def _update_statistics(self, inputs, preact_grads, num_examples):
         """Moving-average update of every factor; returns False (and changes nothing) if the
@@ -429,6 +444,7 @@ class KFAC(keras.optimizers.Optimizer):
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_a)))
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_g)))
             batch.append((factor_a, factor_g))
+        batch, ok = distributed.reduce_statistics(batch, ok)  # replica average under a strategy
         if self._state.tridiagonal is not None:
             cross_batch, cross_ok = self._state.tridiagonal.batch_statistics(
                 self.blocks, inputs, preact_grads, num_examples
@@ -484,6 +500,8 @@ class KFAC(keras.optimizers.Optimizer):
         A step whose loss, gradients or statistics are not finite changes nothing but the
         `skipped_steps` counter.
         """
+        if distributed.replicated():
+            return distributed.kfac_step(self, grads, variables, loss, statistics_fn)
         finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))
         for g in grads:
             if g is not None:
@@ -546,6 +564,16 @@ class KFAC(keras.optimizers.Optimizer):
             self._iterations.assign_add(1)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if distributed.replicated():  # precondition the all-reduced gradients, then update as Keras does
+            pairs = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
+            directions = self.precondition([g for g, _ in pairs], trainable_variables, learning_rate)
+            pairs = [
+                (d, v.value if isinstance(v, keras.Variable) else v) for d, v in zip(directions, trainable_variables)
+            ]
+            tf.__internal__.distribute.interim.maybe_merge_call(
+                self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
+            )
+            return
         directions = self.precondition(grads, trainable_variables, learning_rate)
         super()._backend_update_step(directions, trainable_variables, learning_rate)
 
@@ -686,6 +714,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "statistics_jit": self.statistics_jit,
                 "seed": self.seed,
                 "approximation": self.approximation,
+                "distribute_inverses": self.distribute_inverses,
             }
         )
         return config
