@@ -183,6 +183,7 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(
                 "`approximation='block_tridiagonal'` needs `damping_mode='factored'` (the damped diagonal "
                 f"blocks must be Kronecker products); received damping_mode={damping_mode!r}."
+            )
         if not isinstance(distribute_inverses, bool):
             raise ValueError(
                 f"`distribute_inverses` must be True or False; received distribute_inverses={distribute_inverses!r}."
