@@ -13,6 +13,7 @@ from keras_kfac import damping as damping_lib
 from keras_kfac import quadratic
 from keras_kfac.datasets import DatasetNotFoundError, load_arrays
 from keras_kfac.fisher import loss_spec
+from keras_kfac.models import mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOSSES = {  # last activation, loss
@@ -227,9 +228,9 @@ def test_adaptive_kfac_trains_fashion_mnist_mlp_without_tuning(monkeypatch):
     x_train = x_train[:3072].astype("float32") / 255.0
     x_test = x_test[:1000].astype("float32") / 255.0
     keras.utils.set_random_seed(0)
-    model = keras_kfac.models.mlp()
+    model = mlp()
     opt = keras_kfac.KFAC(learning_rate=None, momentum=None, adapt_damping=True, damping=150.0)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    logs = model.fit(x_train, y_train[:3072], batch_size=256, epochs=2, verbose=0).history
-    assert logs["loss"][1] < logs["loss"][0]
+    logs = model.fit(x_train, y_train[:3072], batch_size=256, epochs=5, verbose=0).history
+    assert logs["loss"][-1] < 0.6 * logs["loss"][0]
     assert model.evaluate(x_test, y_test[:1000], verbose=0)[1] > 0.6  # chance is 0.1
