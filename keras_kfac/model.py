@@ -277,6 +277,21 @@ class KFACTrainStep:
             statistics = (record.inputs, record.unflatten(g), num_examples)
         return y_pred, loss, grads, statistics
 
+    def _kfac_quadratic(self, x, y, sample_weight, y_pred, num_examples):
+        """The quadratic model's view of this batch: outputs, Fisher products and the loss."""
+        from keras_kfac.quadratic import BatchQuadratic
+
+        def loss_fn():
+            return self._compute_loss(x=x, y=y, y_pred=self._kfac_call(x), sample_weight=sample_weight, training=True)
+
+        return BatchQuadratic(
+            lambda: keras.tree.flatten(self._kfac_call(x)),
+            loss_fn,
+            self._kfac_loss_specs(y_pred),
+            self.trainable_weights,
+            num_examples,
+        )
+
     def _kfac_snapshot(self) -> list:
         """Copies of the non-trainable variables that a forward pass may change (moving
         statistics, RNG states), taken before it."""
@@ -316,7 +331,8 @@ class KFACTrainStep:
         statistics_fn = statistics if callable(statistics) else (lambda: statistics)
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
         self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
-        applied = opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn)
+        batch = self._kfac_quadratic(x, y, sample_weight, y_pred, num_examples) if opt.uses_quadratic else None
+        applied = opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn, batch=batch)
         opt.update_loss_scale(applied)
         self._kfac_rollback(applied, snapshot)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)

@@ -22,7 +22,8 @@ import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
-from keras_kfac import distributed, linalg, tridiagonal
+from keras_kfac import damping as damping_lib
+from keras_kfac import distributed, linalg, quadratic, tridiagonal
 
 FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = (None, "adam", "sgd")
@@ -74,8 +75,10 @@ class KFAC(keras.optimizers.Optimizer):
     their `train_step` records the layer inputs and pre-activation gradients K-FAC needs.
 
     Args:
-        learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.
-        momentum: heavy-ball momentum on the step, in [0, 1).
+        learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.  None:
+            α is chosen each step by minimizing the quadratic model (see `keras_kfac.quadratic`).
+        momentum: heavy-ball momentum on the step, in [0, 1).  None: μ is chosen each step with α
+            from the 2×2 system of the quadratic model over δ = −αU + μδ₀.
         damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).
         stats_decay: upper bound of the moving-average weight ε_k = min(1 − 1/k, stats_decay).
         stats_every: update the factor statistics every this many steps.
@@ -88,7 +91,11 @@ class KFAC(keras.optimizers.Optimizer):
             explicit inverses computed by Cholesky at each inversion (two products per step; a
             damping schedule takes effect at the inversions).
         kl_clip: if set, U is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))).
-        adapt_damping: Levenberg–Marquardt damping (not implemented yet).
+        adapt_damping: Levenberg–Marquardt damping: every `damping_every` steps λ is multiplied
+            by ω = (19/20)^damping_every if ρ > 3/4 and divided by it if ρ < 1/4 (see
+            `keras_kfac.damping`), then clipped to [min_damping, max_damping].
+        damping_every: steps between two damping adaptations.
+        min_damping, max_damping: bounds of the adapted λ.
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
             of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
         stats_batch_size: compute the statistics from the first k examples of each batch
@@ -135,9 +142,17 @@ class KFAC(keras.optimizers.Optimizer):
         seed=0,
         approximation="block_diagonal",
         distribute_inverses=True,
+        damping_every=5,
+        min_damping=1e-8,
+        max_damping=1e8,
         name="kfac",
         **kwargs,
     ):
+        auto_learning_rate, auto_momentum = learning_rate is None, momentum is None
+        if auto_learning_rate:
+            learning_rate = 1.0  # a variable that holds the chosen α
+        if auto_momentum:
+            momentum = 0.0
         if not isinstance(learning_rate, LearningRateSchedule) and not callable(learning_rate):
             _check_number("learning_rate", learning_rate, low=0.0)
             learning_rate = float(learning_rate)
@@ -156,8 +171,15 @@ class KFAC(keras.optimizers.Optimizer):
             )
         if kl_clip is not None:
             _check_number("kl_clip", kl_clip, low=0.0, low_open=True)
-        if adapt_damping:
-            raise NotImplementedError("`adapt_damping=True` (Levenberg–Marquardt damping) is not implemented yet.")
+        if not isinstance(adapt_damping, bool):
+            raise ValueError(f"`adapt_damping` must be True or False; received adapt_damping={adapt_damping!r}.")
+        if adapt_damping and isinstance(damping, LearningRateSchedule):
+            raise ValueError("`adapt_damping=True` adapts a float `damping`; a damping schedule cannot be adapted.")
+        _check_number("damping_every", damping_every, low=1, integer=True)
+        _check_number("min_damping", min_damping, low=0.0, low_open=True)
+        _check_number("max_damping", max_damping, low=0.0, low_open=True)
+        if min_damping > max_damping:
+            raise ValueError(f"`min_damping` ({min_damping}) must not exceed `max_damping` ({max_damping}).")
         if graft not in GRAFT_TYPES:
             raise ValueError(f"`graft` must be one of {GRAFT_TYPES}; received graft={graft!r}.")
         if stats_batch_size is not None:
@@ -190,6 +212,8 @@ class KFAC(keras.optimizers.Optimizer):
             )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
+        self.auto_learning_rate = auto_learning_rate
+        self.auto_momentum = auto_momentum
         self.stats_decay = float(stats_decay)
         self.stats_every = stats_every
         self.inverse_every = inverse_every
@@ -207,6 +231,9 @@ class KFAC(keras.optimizers.Optimizer):
         self.seed = seed
         self.approximation = approximation
         self.distribute_inverses = distribute_inverses
+        self.damping_every = damping_every
+        self.min_damping = float(min_damping)
+        self.max_damping = float(max_damping)
         if isinstance(damping, LearningRateSchedule):
             self._damping = damping
         else:
@@ -217,6 +244,12 @@ class KFAC(keras.optimizers.Optimizer):
         self._state = _Untracked()
         self._fallback_optimizer = None
         self._kfac_active = False
+        self._directions_given = False
+
+    @property
+    def uses_quadratic(self) -> bool:
+        """True when steps need the quadratic model (automatic α/μ or adaptive damping)."""
+        return self.auto_learning_rate or self.auto_momentum or self.adapt_damping
 
     # ----------------------------------------------------------------------------- setup
     def attach_model(self, model) -> None:
@@ -275,6 +308,10 @@ class KFAC(keras.optimizers.Optimizer):
         state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
         self._stats_updates = self.add_variable((), initializer="zeros", dtype="int64", name="stats_updates")
         self._skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_steps")
+        if self.auto_momentum:
+            self._chosen_momentum = self.add_variable((), initializer="zeros", dtype="float32", name="chosen_momentum")
+        if self.adapt_damping:
+            self._rho = self.add_variable((), initializer="zeros", dtype="float32", name="rho")
         if self.kl_clip is not None:
             with keras.name_scope(self.name, caller=self):
                 state.kl_clip_factor = keras.Variable(1.0, dtype="float32", trainable=False, name="kl_clip_factor")
@@ -317,7 +354,7 @@ class KFAC(keras.optimizers.Optimizer):
             state.tridiagonal = tridiagonal.TridiagonalState(tridiagonal.find_chains(model, blocks) if model else [])
             state.tridiagonal.build(self, blocks)
         block_vars = [v for v in variables if self._var_key(v) in state.block_keys]
-        if self.momentum > 0:
+        if self.momentum > 0 or self.auto_momentum:
             for v in block_vars:
                 state.velocity[self._var_key(v)] = self.add_variable_from_reference(v, "velocity")
         if self.graft == "adam":
@@ -334,7 +371,7 @@ class KFAC(keras.optimizers.Optimizer):
         if self.fallback is None:
             return keras.optimizers.SGD(
                 learning_rate=lambda: self.learning_rate,
-                momentum=self.momentum,
+                momentum=self.momentum,  # 0 with momentum=None
                 weight_decay=self.weight_decay,
                 name=f"{self.name}_fallback",
             )
@@ -360,6 +397,10 @@ class KFAC(keras.optimizers.Optimizer):
         }
         if self._state.kl_clip_factor is not None:
             logs["kl_clip_factor"] = tf.identity(self._state.kl_clip_factor.value)
+        if self.auto_momentum and self.built:
+            logs["momentum"] = tf.identity(self._chosen_momentum.value)
+        if self.adapt_damping and self.built:
+            logs["rho"] = tf.identity(self._rho.value)
         logs["skipped_steps"] = tf.identity(self._skipped_steps.value)
         return logs
 
@@ -492,16 +533,22 @@ class KFAC(keras.optimizers.Optimizer):
         return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
 
     # ---------------------------------------------------------------------- the step
-    def kfac_step(self, grads, variables, loss, statistics_fn):
+    def kfac_step(self, grads, variables, loss, statistics_fn, batch=None):
         """One K-FAC step, called from `keras_kfac.Model.train_step`.
 
         `statistics_fn()` returns (inputs, preact_grads, num_examples): per block, the recorded
         layer inputs and the matching per-example pre-activation gradients, and the number of
         examples they come from (it runs only on statistics steps).
         A step whose loss, gradients or statistics are not finite changes nothing but the
-        `skipped_steps` counter.
+        `skipped_steps` counter.  `batch` (a `quadratic.BatchQuadratic`) is needed when
+        `uses_quadratic`: see `_quadratic_apply`.
         """
         if distributed.replicated():
+            if self.uses_quadratic:
+                raise NotImplementedError(
+                    "learning_rate=None, momentum=None and adapt_damping=True are not supported under a "
+                    "tf.distribute strategy yet; give learning_rate and momentum and keep adapt_damping=False there."
+                )
             return distributed.kfac_step(self, grads, variables, loss, statistics_fn)
         finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))
         for g in grads:
@@ -534,7 +581,76 @@ class KFAC(keras.optimizers.Optimizer):
             self._skipped_steps.assign_add(1)
             return tf.constant(False)
 
+        if self.uses_quadratic:
+            if batch is None:
+                raise ValueError(
+                    "KFAC with learning_rate=None, momentum=None or adapt_damping needs the batch's model."
+                )
+            return tf.cond(ok, lambda: self._quadratic_apply(present_grads, present_vars, loss, batch, apply_fn), skip)
         return tf.cond(ok, lambda: apply_compiled(present_grads), skip)
+
+    def _quadratic_apply(self, grads, variables, loss, batch, apply_fn):
+        """Chooses α, μ on the quadratic model M over δ = αΔ + μδ₀ (Δ = −U, δ₀ the previous
+        step), applies δ, and on damping steps adapts λ from ρ = (h(θ+δ) − h(θ)) / M(δ)."""
+        if self.loss_scaler is not None or self.loss_scale_factor is not None:
+            raise ValueError("learning_rate=None, momentum=None and adapt_damping do not support loss scaling.")
+        directions = self.precondition(grads, variables, self.learning_rate)
+        delta = [-tf.cast(u, tf.float32) for u in directions]
+        previous = []
+        for v in variables:
+            velocity = self._state.velocity.get(self._var_key(v))
+            previous.append(tf.zeros(v.shape, tf.float32) if velocity is None else tf.cast(velocity.value, tf.float32))
+        g32 = [tf.cast(g, tf.float32) for g in grads]
+
+        def dot(a, b):
+            return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
+
+        lam = tf.cast(self.damping, tf.float32)
+        b = tf.stack([dot(g32, delta), dot(g32, previous)])
+        plain = tf.stack(
+            [
+                tf.stack([dot(delta, delta), dot(delta, previous)]),
+                tf.stack([dot(previous, delta), dot(previous, previous)]),
+            ]
+        )
+
+        def damped_gram():
+            return batch.gram([delta, previous]) + lam * plain
+
+        automatic = self.auto_learning_rate or self.auto_momentum
+        due = self.due(self.damping_every) if self.adapt_damping else tf.constant(False)
+        if automatic:
+            gram = damped_gram()
+        else:
+            gram = tf.cond(due, damped_gram, lambda: tf.zeros((2, 2), tf.float32))
+        alpha, mu = quadratic.solve_step(
+            gram,
+            b,
+            learning_rate=None if self.auto_learning_rate else self.learning_rate,
+            momentum=None if self.auto_momentum else self.momentum,
+        )
+        if self.auto_learning_rate:
+            self.learning_rate.assign(alpha)
+        if self.auto_momentum:
+            self._chosen_momentum.assign(mu)
+        model_change = quadratic.quadratic_value(tf.stack([alpha, mu]), gram, b, lam)
+        self._directions_given = True
+        try:
+            apply_fn(directions)
+        finally:
+            self._directions_given = False
+        if self.adapt_damping:
+
+            def adapt():
+                rho = damping_lib.reduction_ratio(loss, batch.loss(), model_change)
+                self._rho.assign(rho)
+                new = damping_lib.lm_update(self._damping, rho, self.damping_every, self.min_damping, self.max_damping)
+                self._damping.assign(new)
+                return tf.constant(True)
+
+            # iterations already advanced by apply: adapt on the step that was due before it.
+            tf.cond(due, adapt, lambda: tf.constant(False))
+        return tf.constant(True)
 
     def apply(self, grads, trainable_variables=None):
         if not self._kfac_active:
@@ -565,6 +681,8 @@ class KFAC(keras.optimizers.Optimizer):
             self._iterations.assign_add(1)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        if self._directions_given:  # _quadratic_apply already preconditioned them
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
         if distributed.replicated():  # precondition the all-reduced gradients, then update as Keras does
             pairs = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
             directions = self.precondition([g for g, _ in pairs], trainable_variables, learning_rate)
@@ -643,7 +761,8 @@ class KFAC(keras.optimizers.Optimizer):
         if velocity is None:
             self.assign_sub(variable, lr * gradient)
             return
-        self.assign(velocity, self.momentum * velocity - lr * gradient)
+        momentum = self._chosen_momentum if self.auto_momentum else self.momentum
+        self.assign(velocity, tf.cast(momentum, variable.dtype) * velocity - lr * gradient)
         self.assign_add(variable, velocity)
 
     # ------------------------------------------------------------------- saving
@@ -716,8 +835,15 @@ class KFAC(keras.optimizers.Optimizer):
                 "seed": self.seed,
                 "approximation": self.approximation,
                 "distribute_inverses": self.distribute_inverses,
+                "damping_every": self.damping_every,
+                "min_damping": self.min_damping,
+                "max_damping": self.max_damping,
             }
         )
+        if self.auto_learning_rate:
+            config["learning_rate"] = None
+        if self.auto_momentum:
+            config["momentum"] = None
         return config
 
     @classmethod

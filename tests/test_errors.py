@@ -32,9 +32,20 @@ def test_invalid_hyperparameters_raise_naming_the_argument(kwargs, name):
         keras_kfac.KFAC(**kwargs)
 
 
-def test_adapt_damping_not_implemented_yet():
-    with pytest.raises(NotImplementedError):
-        keras_kfac.KFAC(adapt_damping=True)
+def test_adapt_damping_arguments_are_validated():
+    with pytest.raises(ValueError, match="damping_every"):
+        keras_kfac.KFAC(adapt_damping=True, damping_every=0)
+    with pytest.raises(ValueError, match="min_damping"):
+        keras_kfac.KFAC(adapt_damping=True, min_damping=2.0, max_damping=1.0)
+    with pytest.raises(ValueError, match="schedule"):
+        keras_kfac.KFAC(adapt_damping=True, damping=keras.optimizers.schedules.ExponentialDecay(1.0, 10, 0.5))
+    config = keras_kfac.KFAC(learning_rate=None, momentum=None, adapt_damping=True, damping_every=3).get_config()
+    assert (config["learning_rate"], config["momentum"], config["adapt_damping"], config["damping_every"]) == (
+        None,
+        None,
+        True,
+        3,
+    )
 
 
 def _state(model, opt):

@@ -1,0 +1,236 @@
+"""Quadratic model, exact Fisher-vector products, automatic α/μ and Levenberg–Marquardt damping,
+against dense float64 NumPy Fishers (Jacobians by central differences) and closed forms."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_kfac
+from keras_kfac import damping as damping_lib
+from keras_kfac import quadratic
+from keras_kfac.datasets import DatasetNotFoundError, load_arrays
+from keras_kfac.fisher import loss_spec
+from keras_kfac.models import mlp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOSSES = {  # last activation, loss
+    "softmax": ("softmax", "sparse_categorical_crossentropy"),
+    "logits": (None, keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+    "sigmoid": ("sigmoid", "binary_crossentropy"),
+    "mse": (None, "mean_squared_error"),
+}
+
+
+def _model(activation, seed=3):
+    keras.utils.set_random_seed(seed)
+    return keras_kfac.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(3, activation=activation)]
+    )
+
+
+def _params(model):
+    return [v.numpy().astype(np.float64) for v in model.trainable_weights]
+
+
+def _unflatten(theta, shapes):
+    out, start = [], 0
+    for s in shapes:
+        n = int(np.prod(s))
+        out.append(theta[start : start + n].reshape(s))
+        start += n
+    return out
+
+
+def _logits(theta, shapes, x):
+    w1, b1, w2, b2 = _unflatten(theta, shapes)
+    return np.tanh(x @ w1 + b1) @ w2 + b2
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _loss(theta, shapes, x, y, kind):
+    z = _logits(theta, shapes, x)
+    if kind in ("softmax", "logits"):
+        return -np.mean(np.log(_softmax(z)[np.arange(len(y)), y]))
+    raise NotImplementedError(kind)
+
+
+def _dense_fisher(theta, shapes, x, kind):
+    """F = Σ Jᵢᵀ Hᵢ Jᵢ / m with J the Jacobian of the last layer's pre-activation (central differences)."""
+    eps = 1e-6
+    m, k = x.shape[0], 3
+    jac = np.zeros((m, k, theta.size))
+    for j in range(theta.size):
+        e = np.zeros_like(theta)
+        e[j] = eps
+        jac[:, :, j] = (_logits(theta + e, shapes, x) - _logits(theta - e, shapes, x)) / (2 * eps)
+    z = _logits(theta, shapes, x)
+    fisher = np.zeros((theta.size, theta.size))
+    for i in range(m):
+        if kind in ("softmax", "logits"):
+            p = _softmax(z[i : i + 1])[0]
+            h = np.diag(p) - np.outer(p, p)
+        elif kind == "sigmoid":
+            p = 1 / (1 + np.exp(-z[i]))
+            h = np.diag(p * (1 - p)) / k
+        else:
+            h = 2.0 / k * np.eye(k)
+        fisher += jac[i].T @ h @ jac[i]
+    return fisher / m
+
+
+def _batch(model, x, kind):
+    return quadratic.BatchQuadratic(
+        lambda: [model(x)], None, [loss_spec(LOSSES[kind][1])], model.trainable_weights, x.shape[0]
+    )
+
+
+@pytest.mark.parametrize("kind", sorted(LOSSES))
+def test_fisher_vector_product_and_gram_match_dense_fisher(kind):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 4))
+    model = _model(LOSSES[kind][0])
+    shapes = [v.shape for v in model.trainable_weights]
+    theta = np.concatenate([p.ravel() for p in _params(model)])
+    fisher = _dense_fisher(theta, shapes, x, kind)
+    v, w = rng.normal(size=theta.size), rng.normal(size=theta.size)
+    batch = _batch(model, tf.constant(x, tf.float32), kind)
+    fv = batch.fisher_vector_product([tf.constant(p, tf.float32) for p in _unflatten(v, shapes)])
+    got = np.concatenate([t.numpy().ravel() for t in fv])
+    np.testing.assert_allclose(got, fisher @ v, rtol=2e-3, atol=2e-5 * np.abs(fisher @ v).max())
+    tangents = [[tf.constant(p, tf.float32) for p in _unflatten(t, shapes)] for t in (v, w)]
+    gram = batch.gram(tangents).numpy()
+    expected = np.array([[v @ fisher @ v, v @ fisher @ w], [w @ fisher @ v, w @ fisher @ w]])
+    np.testing.assert_allclose(gram, expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
+    # M(δ) for δ = 0.3 v − 0.7 w: ½ δᵀ(F + λI)δ + ∇ᵀδ
+    lam, grad = 0.1, rng.normal(size=theta.size)
+    delta = 0.3 * v - 0.7 * w
+    damped = gram + lam * np.array([[v @ v, v @ w], [w @ v, w @ w]])
+    value = quadratic.quadratic_value(
+        tf.constant([0.3, -0.7]), tf.constant(damped, tf.float32), [grad @ v, grad @ w], lam
+    )
+    exact = 0.5 * delta @ (fisher + lam * np.eye(theta.size)) @ delta + grad @ delta
+    np.testing.assert_allclose(value.numpy(), exact, rtol=1e-3)
+
+
+def test_solve_step_is_the_two_by_two_solution():
+    rng = np.random.default_rng(1)
+    r = rng.normal(size=(2, 2))
+    c = r @ r.T + 0.1 * np.eye(2)
+    b = np.array([-1.3, 0.4])
+    alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32))
+    np.testing.assert_allclose([alpha.numpy(), mu.numpy()], np.linalg.solve(c, -b), rtol=1e-4)
+    alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32), momentum=0.5)
+    np.testing.assert_allclose(alpha.numpy(), -(b[0] + 0.5 * c[0, 1]) / c[0, 0], rtol=1e-5)
+    alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32), learning_rate=0.2)
+    np.testing.assert_allclose(mu.numpy(), -(b[1] + 0.2 * c[0, 1]) / c[1, 1], rtol=1e-5)
+    singular = np.array([[2.0, 0.0], [0.0, 0.0]])  # δ₀ = 0: α alone
+    alpha, mu = quadratic.solve_step(tf.constant(singular, tf.float32), tf.constant([-1.0, 0.0]))
+    assert (alpha.numpy(), mu.numpy()) == (0.5, 0.0)
+    alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant([1.0, 0.0]))  # not a descent direction
+    assert (alpha.numpy(), mu.numpy()) == (0.0, 0.0)
+
+
+def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
+    """Second step: δ = αΔ + μδ₀ with (α, μ) the 2×2 solution for the dense float64 F + λI and ∇."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.integers(0, 3, size=8)
+    model = _model("softmax")
+    lam = 0.05
+    opt = keras_kfac.KFAC(learning_rate=None, momentum=None, damping=lam, stats_every=1, inverse_every=1)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    shapes = [v.shape for v in model.trainable_weights]
+    flat = lambda: np.concatenate([p.ravel() for p in _params(model)])  # noqa: E731
+    theta0 = flat()
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    theta1 = flat()
+    logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    theta2 = flat()
+    alpha, mu = logs["learning_rate"][-1], logs["momentum"][-1]
+    assert alpha > 0 and mu != 0
+    prev, delta = theta1 - theta0, theta2 - theta1
+    direction = (delta - mu * prev) / alpha
+    x64 = x.astype(np.float64)
+    grad = np.zeros_like(theta1)
+    for j in range(theta1.size):
+        e = np.zeros_like(theta1)
+        e[j] = 1e-6
+        grad[j] = (_loss(theta1 + e, shapes, x64, y, "softmax") - _loss(theta1 - e, shapes, x64, y, "softmax")) / 2e-6
+    c = _dense_fisher(theta1, shapes, x64, "softmax") + lam * np.eye(theta1.size)
+    system = np.array([[direction @ c @ direction, direction @ c @ prev], [prev @ c @ direction, prev @ c @ prev]])
+    solution = np.linalg.solve(system, -np.array([grad @ direction, grad @ prev]))
+    np.testing.assert_allclose(solution, [alpha, mu], rtol=2e-2)
+
+
+def test_lm_rule_closed_form():
+    omega = 0.95**5
+    for rho, factor in ((0.9, omega), (0.5, 1.0), (0.1, 1 / omega), (-np.inf, 1 / omega)):
+        np.testing.assert_allclose(
+            damping_lib.lm_update(2.0, tf.constant(rho, tf.float32), 5, 1e-8, 1e8), 2.0 * factor, rtol=1e-6
+        )
+    assert damping_lib.lm_update(1.0, tf.constant(0.9), 5, 0.99, 10.0).numpy() == pytest.approx(0.99)
+    np.testing.assert_allclose(damping_lib.reduction_ratio(2.0, 1.5, -1.0).numpy(), 0.5)
+    assert damping_lib.reduction_ratio(2.0, 1.5, 0.1).numpy() == -np.inf
+
+
+def _linear_problem():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = (x @ rng.normal(size=(4, 2)) + 0.1 * rng.normal(size=(32, 2))).astype("float32")
+    keras.utils.set_random_seed(0)
+    model = keras_kfac.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    return model, x, y
+
+
+def test_damping_falls_on_a_quadratic_problem():
+    """Linear model + MSE: M is the loss itself up to λ, so ρ ≈ 1 and λ ← ω λ at every adaptation."""
+    model, x, y = _linear_problem()
+    lam, steps = 1e-3, 4
+    opt = keras_kfac.KFAC(learning_rate=None, momentum=None, adapt_damping=True, damping=lam, damping_every=1)
+    model.compile(optimizer=opt, loss="mse")
+    logs = model.fit(x, y, batch_size=32, epochs=steps, verbose=0).history
+    assert all(r > 0.75 for r in logs["rho"]), logs["rho"]
+    np.testing.assert_allclose(logs["damping"], lam * 0.95 ** np.arange(1, steps + 1), rtol=1e-5)
+    assert logs["loss"][-1] < 0.1 * logs["loss"][0]
+
+
+def test_damping_rises_when_steps_overshoot():
+    model, x, y = _linear_problem()
+    lam, steps = 1e-3, 3
+    opt = keras_kfac.KFAC(
+        learning_rate=30.0, momentum=0.0, adapt_damping=True, damping=lam, damping_every=1, graft="sgd"
+    )
+    model.compile(optimizer=opt, loss="mse")
+    logs = model.fit(x, y, batch_size=32, epochs=steps, verbose=0).history
+    assert all(r < 0.25 for r in logs["rho"]), logs["rho"]
+    np.testing.assert_allclose(logs["damping"], lam / 0.95 ** np.arange(1, steps + 1), rtol=1e-5)
+
+
+def test_adaptive_kfac_trains_fashion_mnist_mlp_without_tuning(monkeypatch):
+    monkeypatch.setenv("KERAS_KFAC_NO_TFDS", "1")
+    arrays = None
+    for candidate in (os.path.join(ROOT, "..", "shared", "data", "fashion_mnist"), "/usr/share/datasets/fashion-mnist"):
+        try:
+            arrays = load_arrays("fashion_mnist", candidate if os.path.isdir(candidate) else None)
+            break
+        except DatasetNotFoundError:
+            continue
+    if arrays is None:
+        pytest.skip("Fashion-MNIST not found (install it with `apt-get install dataset-fashion-mnist`).")
+    (x_train, y_train), (x_test, y_test) = arrays
+    x_train = x_train[:3072].astype("float32") / 255.0
+    x_test = x_test[:1000].astype("float32") / 255.0
+    keras.utils.set_random_seed(0)
+    model = mlp()
+    opt = keras_kfac.KFAC(learning_rate=None, momentum=None, adapt_damping=True, damping=150.0)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    logs = model.fit(x_train, y_train[:3072], batch_size=256, epochs=5, verbose=0).history
+    assert logs["loss"][-1] < 0.6 * logs["loss"][0]
+    assert model.evaluate(x_test, y_test[:1000], verbose=0)[1] > 0.6  # chance is 0.1
