@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
+from exact import exact_kfac
 
 import keras_kfac
 
@@ -14,19 +15,7 @@ TOL = 2e-4
 
 
 def _kfac(mode, **kwargs):
-    return keras_kfac.KFAC(
-        learning_rate=LR,
-        momentum=0.0,
-        damping=DAMPING,
-        stats_decay=0.0,
-        inverse_every=1,
-        fisher="empirical",
-        damping_mode=mode,
-        graft=None,
-        stats_every=1,
-        stats_batch_size=None,
-        **kwargs,
-    )
+    return exact_kfac(**{"learning_rate": LR, "damping": DAMPING, "damping_mode": mode, **kwargs})
 
 
 def _mlp_data(m=16):

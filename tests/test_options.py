@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
+from exact import exact_kfac
 
 import keras_kfac
 
@@ -37,19 +38,7 @@ def _step(model, before):
 
 
 def _kfac(**kwargs):
-    base = dict(
-        learning_rate=LR,
-        momentum=0.0,
-        damping=DAMPING,
-        stats_decay=0.0,
-        inverse_every=1,
-        fisher="empirical",
-        damping_mode="eigen",
-        graft=None,
-        stats_every=1,
-        stats_batch_size=None,
-    )
-    return keras_kfac.KFAC(**{**base, **kwargs})
+    return exact_kfac(**{"learning_rate": LR, "damping": DAMPING, **kwargs})
 
 
 @pytest.mark.parametrize("graft", ["sgd", "adam"])

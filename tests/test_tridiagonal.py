@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from exact import exact_kfac
 
 import keras_kfac
 from keras_kfac import linalg, tridiagonal
@@ -23,20 +24,8 @@ ARCHITECTURES = {
 
 
 def _kfac(**kwargs):
-    base = dict(
-        learning_rate=LR,
-        momentum=0.0,
-        damping=DAMPING,
-        stats_decay=0.0,
-        inverse_every=1,
-        fisher="empirical",
-        damping_mode="factored",
-        graft=None,
-        stats_every=1,
-        stats_batch_size=None,
-        approximation="block_tridiagonal",
-    )
-    return keras_kfac.KFAC(**{**base, **kwargs})
+    settings = {"damping_mode": "factored", "approximation": "block_tridiagonal", **kwargs}
+    return exact_kfac(**{"learning_rate": LR, "damping": DAMPING, **settings})
 
 
 def _blocks_of(matrix, starts):
