@@ -95,6 +95,8 @@ class KFAC(keras.optimizers.Optimizer):
             by ω = (19/20)^damping_every if ρ > 3/4 and divided by it if ρ < 1/4 (see
             `keras_kfac.damping`), then clipped to [min_damping, max_damping].
         damping_every: steps between two damping adaptations.
+        adapt_every: with learning_rate=None and/or momentum=None, steps between two choices of
+            α, μ (each costs two F·v products); the last choice is reused in between.
         min_damping, max_damping: bounds of the adapted λ.
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
             of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
@@ -143,6 +145,7 @@ class KFAC(keras.optimizers.Optimizer):
         approximation="block_diagonal",
         distribute_inverses=True,
         damping_every=5,
+        adapt_every=1,
         min_damping=1e-8,
         max_damping=1e8,
         name="kfac",
@@ -176,6 +179,7 @@ class KFAC(keras.optimizers.Optimizer):
         if adapt_damping and isinstance(damping, LearningRateSchedule):
             raise ValueError("`adapt_damping=True` adapts a float `damping`; a damping schedule cannot be adapted.")
         _check_number("damping_every", damping_every, low=1, integer=True)
+        _check_number("adapt_every", adapt_every, low=1, integer=True)
         _check_number("min_damping", min_damping, low=0.0, low_open=True)
         _check_number("max_damping", max_damping, low=0.0, low_open=True)
         if min_damping > max_damping:
@@ -232,6 +236,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.approximation = approximation
         self.distribute_inverses = distribute_inverses
         self.damping_every = damping_every
+        self.adapt_every = adapt_every
         self.min_damping = float(min_damping)
         self.max_damping = float(max_damping)
         if isinstance(damping, LearningRateSchedule):
@@ -619,16 +624,21 @@ class KFAC(keras.optimizers.Optimizer):
 
         automatic = self.auto_learning_rate or self.auto_momentum
         due = self.due(self.damping_every) if self.adapt_damping else tf.constant(False)
-        if automatic:
-            gram = damped_gram()
-        else:
-            gram = tf.cond(due, damped_gram, lambda: tf.zeros((2, 2), tf.float32))
+        # The F·v products are paid only on the steps that choose α, μ or adapt λ; in between
+        # the last chosen α, μ are reused (adapt_every > 1).
+        choose = tf.logical_or(due, self.due(self.adapt_every)) if automatic else due
+        gram = tf.cond(choose, damped_gram, lambda: tf.zeros((2, 2), tf.float32))
         alpha, mu = quadratic.solve_step(
             gram,
             b,
             learning_rate=None if self.auto_learning_rate else self.learning_rate,
             momentum=None if self.auto_momentum else self.momentum,
         )
+        if automatic:
+            last_alpha = tf.cast(self.learning_rate, tf.float32)
+            last_mu = tf.cast(self._chosen_momentum if self.auto_momentum else self.momentum, tf.float32)
+            alpha = tf.where(choose, alpha, last_alpha)
+            mu = tf.where(choose, mu, last_mu)
         if self.auto_learning_rate:
             self.learning_rate.assign(alpha)
         if self.auto_momentum:
@@ -836,6 +846,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "approximation": self.approximation,
                 "distribute_inverses": self.distribute_inverses,
                 "damping_every": self.damping_every,
+                "adapt_every": self.adapt_every,
                 "min_damping": self.min_damping,
                 "max_damping": self.max_damping,
             }

@@ -234,3 +234,24 @@ def test_adaptive_kfac_trains_fashion_mnist_mlp_without_tuning(monkeypatch):
     logs = model.fit(x_train, y_train[:3072], batch_size=256, epochs=5, verbose=0).history
     assert logs["loss"][-1] < 0.6 * logs["loss"][0]
     assert model.evaluate(x_test, y_test[:1000], verbose=0)[1] > 0.6  # chance is 0.1
+
+
+def test_adapt_every_reuses_the_last_chosen_step_size_and_momentum():
+    """adapt_every=3: α, μ are chosen on steps 0, 3, 6 and reused on the steps between; every
+    step of adapt_every=1 chooses afresh, so its second step differs."""
+    logs = {}
+    for every in (1, 3):
+        model, x, y = _linear_problem()
+        opt = keras_kfac.KFAC(learning_rate=None, momentum=None, damping=1e-2, adapt_every=every)
+        model.compile(optimizer=opt, loss="mse")
+        logs[every] = model.fit(x, y, batch_size=32, epochs=7, verbose=0).history
+        assert opt.get_config()["adapt_every"] == every
+    alpha, mu = np.array(logs[3]["learning_rate"]), np.array(logs[3]["momentum"])
+    np.testing.assert_allclose(alpha[0], logs[1]["learning_rate"][0], rtol=1e-6)
+    for start in (0, 3):
+        np.testing.assert_array_equal(alpha[start : start + 3], alpha[start])
+        np.testing.assert_array_equal(mu[start : start + 3], mu[start])
+    assert alpha[3] != alpha[0] and alpha[6] != alpha[3]
+    assert logs[1]["learning_rate"][1] != logs[1]["learning_rate"][0]
+    with pytest.raises(ValueError, match="adapt_every"):
+        keras_kfac.KFAC(learning_rate=None, adapt_every=0)
