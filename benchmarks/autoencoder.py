@@ -4,6 +4,7 @@ block-tridiagonal against Adam and SGD-momentum.
     python benchmarks/autoencoder.py [--steps 3000] [--batch-size 1000] [--sweep-steps 300]
                                      [--seeds 0] [--data-dir DIR] [--out benchmarks/results]
                                      [--markdown BENCHMARKS.md] [--max-steps N --train-size N]
+                                     [--kinds kfac_diagonal,adam,...] [--resume]
 
 Model: `keras_kfac.models.deep_autoencoder()`, 784-1000-500-250-30-250-500-1000-784 with
 logistic hidden units, a linear code layer and a sigmoid cross-entropy on the pixels
@@ -49,7 +50,7 @@ from keras_kfac.models import deep_autoencoder  # noqa: E402
 
 VALIDATION_SIZE = 10000
 PIXELS = 784
-KINDS = ("kfac_tridiagonal", "kfac_diagonal", "adam", "sgd")
+KINDS = ("kfac_tridiagonal", "kfac_diagonal", "kfac_adaptive", "adam", "sgd")
 BEGIN, END = "<!-- autoencoder:begin -->", "<!-- autoencoder:end -->"
 
 # K-FAC settings shared by both approximations (statistics from 256 examples: the factors are up
@@ -66,8 +67,19 @@ SWEEP = {
     "kfac_diagonal": KFAC_CANDIDATES,
     "adam": [{"learning_rate": lr} for lr in (3e-4, 1e-3, 3e-3)],
     "sgd": [{"learning_rate": lr} for lr in (0.3, 1.0, 3.0)],  # loss averaged over pixels: small gradients
+    # "No tuning" (block-diagonal): automatic α, μ and Levenberg-Marquardt damping from the
+    # paper's starting damping; one candidate, so the sweep does not train it.
+    "kfac_adaptive": [
+        {"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0, "adapt_every": 5}
+    ],
 }
-COLORS = {"kfac_tridiagonal": "tab:red", "kfac_diagonal": "tab:orange", "adam": "tab:blue", "sgd": "tab:green"}
+COLORS = {
+    "kfac_tridiagonal": "tab:red",
+    "kfac_diagonal": "tab:orange",
+    "kfac_adaptive": "tab:purple",
+    "adam": "tab:blue",
+    "sgd": "tab:green",
+}
 
 
 def make_optimizer(kind: str, settings: dict):
@@ -125,6 +137,9 @@ def sweep(x: np.ndarray, batch_size: int, steps: int) -> dict:
     weights = initial_weights(0)
     results = {}
     for kind, candidates in SWEEP.items():
+        if len(candidates) == 1:
+            results[kind] = {"candidates": [{"settings": candidates[0]}], "best": candidates[0]}
+            continue
         scored = []
         for settings in candidates:
             run = train(kind, settings, weights, fit_x, batch_size, 0, steps, val_x)
@@ -180,7 +195,7 @@ def table_markdown(table: dict, chosen: dict, args, seeds) -> str:
         "| final train loss | × 784 | final test loss | step ms | × Adam |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for kind in KINDS:
+    for kind in (k for k in KINDS if k in table):
         r = table[kind]
         steps = r["steps_to_adam_final_loss"]
         reached = "—" if kind == "adam" else ("yes" if steps is not None and steps <= quarter else "no")
@@ -254,6 +269,12 @@ def main(argv=None):
     parser.add_argument("--markdown", default="BENCHMARKS.md")
     parser.add_argument("--max-steps", type=int, default=None, help="cap every run and the sweep (smoke runs)")
     parser.add_argument("--train-size", type=int, default=None, help="use the first N training images (smoke runs)")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="optimizers to run (others keep their saved runs)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the sweep and the finished runs saved in --out (same keras_kfac sources only)",
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     (x_train, _), (x_test, _) = load_arrays("mnist", args.data_dir)
@@ -264,17 +285,30 @@ def main(argv=None):
     if args.max_steps:
         steps, sweep_steps = min(steps, args.max_steps), min(sweep_steps, args.max_steps)
     print(f"# autoencoder.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    if args.no_sweep:
+    path = os.path.join(args.out, "autoencoder.json")
+    saved = None
+    if args.resume and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved.get("source_digest") != source_digest():
+            raise SystemExit(f"{path} was written by other keras_kfac sources; rerun without --resume.")
+    if saved is not None:
+        chosen = saved["sweep"]
+    elif args.no_sweep:
         chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
     else:
         chosen = sweep(x_train, args.batch_size, sweep_steps)
     seeds = [int(s) for s in args.seeds.split(",")]
     runs = {kind: [] for kind in KINDS}
-    path = os.path.join(args.out, "autoencoder.json")
+    if saved is not None:
+        for kind, done in saved["runs"].items():
+            runs[kind] = [r for r in done if r["seed"] in seeds]
     record = {"argv": sys.argv[1:], "source_digest": source_digest(), "sweep": chosen, "runs": runs}
     for seed in seeds:
         weights = initial_weights(seed)
         for kind in KINDS:
+            if kind not in args.kinds.split(",") or any(r["seed"] == seed for r in runs[kind]):
+                continue
             run = train(kind, chosen[kind]["best"], weights, x_train, args.batch_size, seed, steps, x_test)
             runs[kind].append(run)
             step_ms = 1e3 * statistics.fmean(run["step_seconds"][5:] or run["step_seconds"])
@@ -285,8 +319,10 @@ def main(argv=None):
             )
             with open(path, "w") as f:
                 json.dump(record, f)
+    done_seeds = sorted(set.intersection(*({r["seed"] for r in done} for done in runs.values() if done)))
+    runs = {kind: [r for r in done if r["seed"] in done_seeds] for kind, done in runs.items() if done}
     table = summarize(runs)
-    text = table_markdown(table, chosen, args, seeds)
+    text = table_markdown(table, chosen, args, done_seeds)
     plots = plot(runs, args.out)
     record["table"], record["table_markdown"], record["plots"] = table, text, plots
     with open(path, "w") as f:

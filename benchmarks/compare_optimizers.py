@@ -60,7 +60,14 @@ SWEEP = {
         {"stats_every": 5, "inverse_every": 20},
         {"stats_locations": 16},
     ],
+    # "No tuning": the automatic step size and momentum with Levenberg-Marquardt damping from the
+    # paper's starting damping.  One candidate, so the sweep does not train it.
+    # adapt_every=5 (= damping_every): the F·v products are paid on one step in five.
+    "kfac_adaptive": [
+        {"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0, "adapt_every": 5}
+    ],
 }
+KINDS = ("kfac", "kfac_adaptive", "adam", "sgd")
 
 
 def make_optimizer(kind: str, settings: dict):
@@ -182,6 +189,9 @@ def sweep(train_arrays, batch_size: int, steps: int) -> dict:
     weights = initial_weights(0)
     results = {}
     for kind, candidates in SWEEP.items():
+        if len(candidates) == 1:
+            results[kind] = {"candidates": [{"settings": candidates[0]}], "best": candidates[0]}
+            continue
         scored = []
         for settings in candidates:
             run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps)
@@ -241,6 +251,7 @@ def summarize(runs: dict) -> dict:
         row["mean_step_ms"] = 1e3 * statistics.fmean(statistics.fmean(r["step_seconds"][5:]) for r in seeds)
         row["step_ratio_to_adam"] = row["mean_step_ms"] / (1e3 * adam_step)
         row["skipped_steps"] = sum(r["skipped_steps"] for r in seeds)
+        row["seeds"] = [r["seed"] for r in seeds]
         table[kind] = row
     table["_adam_final_accuracy"] = best_adam_accuracy
     table["_adam_final_loss"] = adam_final_loss
@@ -255,14 +266,20 @@ def fmt(value, digits=0):
 
 def print_table(batch_size: int, table: dict, seeds) -> str:
     lines = [
-        f"### Batch {batch_size} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean over seeds)",
+        f"### Batch {batch_size} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean over seeds"
+        + "".join(
+            f"; {kind}: seed(s) {', '.join(map(str, table[kind]['seeds']))}"
+            for kind in KINDS
+            if kind in table and table[kind]["seeds"] != list(seeds)
+        )
+        + ")",
         "",
         "| optimizer | steps to 85% | s to 85% | steps to 88% | s to 88% | steps to 90% | s to 90% "
         f"| steps to Adam's final acc. ({table['_adam_final_accuracy']:.4f}) | s to it "
         f"| steps to Adam's final loss ({table['_adam_final_loss']:.3f}) | final test acc. | step ms | x Adam |",
         "|---|" + "---|" * 12,
     ]
-    for kind in ("kfac", "adam", "sgd"):
+    for kind in (k for k in KINDS if k in table):
         r = table[kind]
         lines.append(
             f"| {kind} | {fmt(r['steps_to_0.85'])} | {fmt(r['seconds_to_0.85'])} | {fmt(r['steps_to_0.88'])} "
@@ -283,7 +300,7 @@ def plot(batch_size: int, runs: dict, out: str) -> list:
     import matplotlib.pyplot as plt
 
     paths = []
-    colors = {"kfac": "tab:red", "adam": "tab:blue", "sgd": "tab:green"}
+    colors = {"kfac": "tab:red", "kfac_adaptive": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
     panels = [
         ("train_loss_vs_steps", "step", "train loss (50-step moving average)"),
         ("test_accuracy_vs_steps", "step", "test accuracy"),
@@ -322,9 +339,17 @@ def plot(batch_size: int, runs: dict, out: str) -> list:
     return paths
 
 
+BASELINES = ("kfac", "adam", "sgd")
+
+
 def complete_seeds(runs: dict) -> list:
-    """Seeds that every optimizer has finished."""
-    return sorted(set.intersection(*({r["seed"] for r in done} for done in runs.values())))
+    """Seeds that K-FAC, Adam and SGD have all finished (the adaptive row, which can be run on
+    fewer seeds, uses its own runs among these and says how many)."""
+    return sorted(set.intersection(*({r["seed"] for r in runs.get(kind, [])} for kind in BASELINES)))
+
+
+def seeds_of(runs: dict) -> dict:
+    return {kind: [r["seed"] for r in done] for kind, done in runs.items()}
 
 
 def save_results(path: str, chosen: dict, runs: dict, batch_size: int, out: str, final: bool) -> None:
@@ -332,7 +357,7 @@ def save_results(path: str, chosen: dict, runs: dict, batch_size: int, out: str,
     record = {"argv": sys.argv[1:], "source_digest": source_digest(), "sweep": chosen, "runs": runs}
     if final:
         seeds = complete_seeds(runs)
-        complete = {kind: [r for r in done if r["seed"] in seeds] for kind, done in runs.items()}
+        complete = {kind: [r for r in done if r["seed"] in seeds] for kind, done in runs.items() if done}
         table = summarize(complete)
         record["table"] = table
         record["table_markdown"] = print_table(batch_size, table, seeds)
@@ -348,6 +373,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep candidate (0: one epoch)")
     parser.add_argument("--no-sweep", action="store_true", help="use the first candidate of each optimizer")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="optimizers to run (others keep their saved runs)")
+    parser.add_argument("--run-seeds", default=None, help="seeds to train now (default: all of --seeds)")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (smoke tests)")
@@ -363,7 +390,7 @@ def main(argv=None):
             with open(os.path.join(args.out, f"compare_b{batch_size}.json")) as f:
                 saved = json.load(f)
             seeds = complete_seeds(saved["runs"])
-            runs = {kind: [r for r in done if r["seed"] in seeds] for kind, done in saved["runs"].items()}
+            runs = {kind: [r for r in done if r["seed"] in seeds] for kind, done in saved["runs"].items() if done}
             for done in runs.values():
                 for run in done:
                     for e in run["evals"]:
@@ -375,6 +402,7 @@ def main(argv=None):
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
     test = (tf.constant(x_test.astype("float32") / 255.0), y_test)
     seeds = [int(s) for s in args.seeds.split(",")]
+    run_seeds = seeds if args.run_seeds is None else [int(s) for s in args.run_seeds.split(",")]
     print(f"# compare_optimizers.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         steps_per_epoch = len(x_train) // batch_size
@@ -395,7 +423,7 @@ def main(argv=None):
         else:
             sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
             chosen = sweep((x_train, y_train), batch_size, sweep_steps)
-        runs = {kind: [] for kind in ("kfac", "adam", "sgd")}
+        runs = {kind: [] for kind in KINDS}
         if saved is not None:
             for kind, done in saved["runs"].items():
                 runs[kind] = [r for r in done if r["seed"] in seeds]
@@ -403,7 +431,11 @@ def main(argv=None):
         for seed in seeds:
             weights = initial_weights(seed)
             for kind in runs:
-                if any(r["seed"] == seed for r in runs[kind]):
+                if (
+                    kind not in args.kinds.split(",")
+                    or seed not in run_seeds
+                    or any(r["seed"] == seed for r in runs[kind])
+                ):
                     continue
                 run = train(
                     kind,

@@ -1,6 +1,6 @@
 """Training-step time of SGD, Adam and K-FAC, measured side by side in one process.
 
-    python benchmarks/step_time.py [--rounds 5] [--steps 40] [--json out.json]
+    python benchmarks/step_time.py [--rounds 5] [--steps 40] [--json out.json] [--only NAME,...]
 
 Models: (a) MLP 784-256-256-10 at batch 256, (b) the AlexNet-style CNN of
 `keras_kfac.models.alexnet` at batch 128.  Data are random tensors already in memory.  Every
@@ -81,7 +81,26 @@ def configurations() -> dict:
         "kfac (same, empirical Fisher)": lambda: keras_kfac.KFAC(
             learning_rate=LEARNING_RATE, stats_every=1, inverse_every=NEVER, fisher="empirical"
         ),
+        # Automatic α, μ and Levenberg-Marquardt damping: two forward-mode passes per choice of
+        # α, μ, one more forward pass per damping adaptation (every 5 steps).
+        "kfac adaptive (alpha, mu every step)": lambda: keras_kfac.KFAC(
+            learning_rate=None, momentum=None, adapt_damping=True, damping=150.0
+        ),
+        "kfac adaptive (adapt_every=5)": lambda: keras_kfac.KFAC(
+            learning_rate=None, momentum=None, adapt_damping=True, damping=150.0, adapt_every=5
+        ),
     }
+
+
+# Needed for the breakdown; always run.
+CORE = (
+    "sgd",
+    "adam",
+    "kfac (defaults)",
+    "kfac (no stats, no inversions)",
+    "kfac (stats every step, no inversions)",
+    "kfac (same, empirical Fisher)",
+)
 
 
 class Runner:
@@ -117,14 +136,14 @@ def time_eigh(size: int, repeats: int, jit: bool) -> float:
     return statistics.median(times)
 
 
-def benchmark_model(model_name: str, batch: int, rounds: int, steps: int) -> dict:
+def benchmark_model(model_name: str, batch: int, rounds: int, steps: int, only=None) -> dict:
     keras.utils.set_random_seed(0)
     reference = make_model(model_name)
     weights = reference.get_weights()
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(size=(batch, 28, 28, 1)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, size=batch))
-    configs = configurations()
+    configs = {name: make for name, make in configurations().items() if only is None or name in CORE or name in only}
     inverse_every = keras_kfac.KFAC().inverse_every
     runners = {name: Runner(model_name, weights, make, x, y) for name, make in configs.items()}
     for runner in runners.values():  # warm-up: compilation, first statistics and inversion
@@ -224,9 +243,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--skip-eigh", action="store_true")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated configurations to add to the core ones (default: all)"
+    )
     args = parser.parse_args(argv)
     sizes = {"mlp": 256, "cnn": 128}
-    results = [benchmark_model(m, sizes[m], args.rounds, args.steps) for m in args.models.split(",")]
+    only = None if args.only is None else args.only.split(",")
+    results = [benchmark_model(m, sizes[m], args.rounds, args.steps, only) for m in args.models.split(",")]
     eigh = {}
     if not args.skip_eigh:
         eigh["1024x1024, plain tf.function"] = time_eigh(1024, 5, jit=False)
