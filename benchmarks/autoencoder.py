@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from compare_optimizers import Recorder, smoothed, source_digest, training_seconds, window_for  # noqa: E402
+from compare_optimizers import Recorder, load_saved, smoothed, source_digest, training_seconds, window_for  # noqa: E402
 
 import keras_kfac  # noqa: E402
 from keras_kfac.datasets import load_arrays  # noqa: E402
@@ -286,12 +286,7 @@ def main(argv=None):
         steps, sweep_steps = min(steps, args.max_steps), min(sweep_steps, args.max_steps)
     print(f"# autoencoder.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     path = os.path.join(args.out, "autoencoder.json")
-    saved = None
-    if args.resume and os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("source_digest") != source_digest():
-            raise SystemExit(f"{path} was written by other keras_kfac sources; rerun without --resume.")
+    saved = load_saved(path) if args.resume else None
     if saved is not None:
         chosen = saved["sweep"]
     elif args.no_sweep:

@@ -177,6 +177,18 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def load_saved(path: str):
+    """The results saved at `path` (None when there are none), for --resume: refuses results
+    written by other keras_kfac sources."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("source_digest") != source_digest():
+        raise SystemExit(f"{path} was written by other keras_kfac sources; rerun without --resume.")
+    return saved
+
+
 def initial_weights(seed: int):
     keras.utils.set_random_seed(seed)
     return alexnet().get_weights()
@@ -410,12 +422,7 @@ def main(argv=None):
         if args.max_steps:
             eval_every = min(eval_every, max(1, args.max_steps // 3))
         path = os.path.join(args.out, f"compare_b{batch_size}.json")
-        saved = None
-        if args.resume and os.path.exists(path):
-            with open(path) as f:
-                saved = json.load(f)
-            if saved.get("source_digest") != source_digest():
-                raise SystemExit(f"{path} was written by other keras_kfac sources; rerun without --resume.")
+        saved = load_saved(path) if args.resume else None
         if saved is not None:
             chosen = saved["sweep"]
         elif args.no_sweep:
