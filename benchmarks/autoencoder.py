@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from compare_optimizers import Recorder, load_saved, smoothed, source_digest, training_seconds, window_for  # noqa: E402
+from compare_optimizers import Recorder, load_saved, run_sweep, smoothed, source_digest, training_seconds, window_for  # noqa: E402
 
 import keras_kfac  # noqa: E402
 from keras_kfac.datasets import load_arrays  # noqa: E402
@@ -128,26 +128,15 @@ def initial_weights(seed: int):
     return deep_autoencoder().get_weights()
 
 
-def finite_score(value: float) -> float:
-    return value if np.isfinite(value) else float("inf")
-
-
 def sweep(x: np.ndarray, batch_size: int, steps: int) -> dict:
     fit_x, val_x = x[:-VALIDATION_SIZE], x[-VALIDATION_SIZE:]
     weights = initial_weights(0)
-    results = {}
-    for kind, candidates in SWEEP.items():
-        if len(candidates) == 1:
-            results[kind] = {"candidates": [{"settings": candidates[0]}], "best": candidates[0]}
-            continue
-        scored = []
-        for settings in candidates:
-            run = train(kind, settings, weights, fit_x, batch_size, 0, steps, val_x)
-            scored.append({"settings": settings, "val_loss": run["eval_loss"], "skipped_steps": run["skipped_steps"]})
-            print(f"  sweep {kind} {settings}: validation loss {run['eval_loss']:.5f}", flush=True)
-        best = min(scored, key=lambda s: finite_score(s["val_loss"]))
-        results[kind] = {"candidates": scored, "best": best["settings"]}
-    return results
+
+    def score(kind, settings):
+        run = train(kind, settings, weights, fit_x, batch_size, 0, steps, val_x)
+        return run["eval_loss"], run["skipped_steps"]
+
+    return run_sweep(SWEEP, score, "val_loss", minimize=True)
 
 
 def summarize(runs: dict) -> dict:

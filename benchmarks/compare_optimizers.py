@@ -194,25 +194,36 @@ def initial_weights(seed: int):
     return alexnet().get_weights()
 
 
-def sweep(train_arrays, batch_size: int, steps: int) -> dict:
-    (x, y) = train_arrays
-    fit_data = (x[:-VALIDATION_SIZE], y[:-VALIDATION_SIZE])
-    val = (tf.constant(x[-VALIDATION_SIZE:].astype("float32") / 255.0), y[-VALIDATION_SIZE:])
-    weights = initial_weights(0)
+def run_sweep(table: dict, score, key: str, minimize: bool = False) -> dict:
+    """Scores every candidate of `table` (kind -> list of settings) with `score(kind, settings)`
+    -> (value, skipped steps) and keeps the best per kind; a lone candidate is kept untrained."""
     results = {}
-    for kind, candidates in SWEEP.items():
+    for kind, candidates in table.items():
         if len(candidates) == 1:
             results[kind] = {"candidates": [{"settings": candidates[0]}], "best": candidates[0]}
             continue
         scored = []
         for settings in candidates:
-            run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps)
-            accuracy = run["evals"][-1]["accuracy"]
-            scored.append({"settings": settings, "val_accuracy": accuracy, "skipped_steps": run["skipped_steps"]})
-            print(f"  sweep b{batch_size} {kind} {settings}: val accuracy {accuracy:.4f}", flush=True)
-        best = max(scored, key=lambda s: s["val_accuracy"])
+            value, skipped = score(kind, settings)
+            scored.append({"settings": settings, key: value, "skipped_steps": skipped})
+            print(f"  sweep {kind} {settings}: {key} {value:.5f}", flush=True)
+        finite = [s for s in scored if np.isfinite(s[key])] or scored
+        best = (min if minimize else max)(finite, key=lambda s: s[key])
         results[kind] = {"candidates": scored, "best": best["settings"]}
     return results
+
+
+def sweep(train_arrays, batch_size: int, steps: int) -> dict:
+    (x, y) = train_arrays
+    fit_data = (x[:-VALIDATION_SIZE], y[:-VALIDATION_SIZE])
+    val = (tf.constant(x[-VALIDATION_SIZE:].astype("float32") / 255.0), y[-VALIDATION_SIZE:])
+    weights = initial_weights(0)
+
+    def score(kind, settings):
+        run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps)
+        return run["evals"][-1]["accuracy"], run["skipped_steps"]
+
+    return run_sweep(SWEEP, score, "val_accuracy")
 
 
 def window_for(count: int) -> int:
