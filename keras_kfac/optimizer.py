@@ -96,7 +96,9 @@ class KFAC(keras.optimizers.Optimizer):
             `keras_kfac.damping`), then clipped to [min_damping, max_damping].
         damping_every: steps between two damping adaptations.
         adapt_every: with learning_rate=None and/or momentum=None, steps between two choices of
-            α, μ (each costs two F·v products); the last choice is reused in between.
+            α, μ (each costs two F·v products); the last choice is reused in between, with
+            α ≥ 0 and 0 ≤ μ ≤ 0.99 (a μ above 1 repeated over several steps makes the step grow
+            geometrically; the choosing step itself applies the 2×2 solution as it is).
         min_damping, max_damping: bounds of the adapted λ.
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
             of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
@@ -637,8 +639,9 @@ class KFAC(keras.optimizers.Optimizer):
         if automatic:
             last_alpha = tf.cast(self.learning_rate, tf.float32)
             last_mu = tf.cast(self._chosen_momentum if self.auto_momentum else self.momentum, tf.float32)
-            alpha = tf.where(choose, alpha, last_alpha)
-            mu = tf.where(choose, mu, last_mu)
+            reused_alpha, reused_mu = quadratic.reusable_step(last_alpha, last_mu)
+            alpha = tf.where(choose, alpha, reused_alpha)
+            mu = tf.where(choose, mu, reused_mu)
         if self.auto_learning_rate:
             self.learning_rate.assign(alpha)
         if self.auto_momentum:

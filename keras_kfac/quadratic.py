@@ -146,3 +146,14 @@ def solve_step(gram, gradient_dots, learning_rate=None, momentum=None) -> tuple[
     alpha = tf.where(good, alpha, 0.0 if learning_rate is None else alpha)
     mu = tf.where(good, mu, 0.0 if momentum is None else mu)
     return alpha, mu
+
+
+MAX_REUSED_MOMENTUM = 0.99
+
+
+def reusable_step(alpha, mu) -> tuple[tf.Tensor, tf.Tensor]:
+    """(α, μ) to repeat on the steps between two choices (`adapt_every` > 1): α clipped to ≥ 0
+    and μ to [0, MAX_REUSED_MOMENTUM], so that the velocity v ← μv + αΔ stays bounded."""
+    alpha = tf.maximum(tf.cast(alpha, tf.float32), 0.0)
+    mu = tf.clip_by_value(tf.cast(mu, tf.float32), 0.0, MAX_REUSED_MOMENTUM)
+    return alpha, mu

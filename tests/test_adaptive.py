@@ -249,9 +249,20 @@ def test_adapt_every_reuses_the_last_chosen_step_size_and_momentum():
     alpha, mu = np.array(logs[3]["learning_rate"]), np.array(logs[3]["momentum"])
     np.testing.assert_allclose(alpha[0], logs[1]["learning_rate"][0], rtol=1e-6)
     for start in (0, 3):
-        np.testing.assert_array_equal(alpha[start : start + 3], alpha[start])
-        np.testing.assert_array_equal(mu[start : start + 3], mu[start])
+        reused = [float(v) for v in quadratic.reusable_step(alpha[start], mu[start])]
+        np.testing.assert_allclose(alpha[start + 1 : start + 3], reused[0], rtol=1e-7)
+        np.testing.assert_allclose(mu[start + 1 : start + 3], reused[1], rtol=1e-7)
     assert alpha[3] != alpha[0] and alpha[6] != alpha[3]
     assert logs[1]["learning_rate"][1] != logs[1]["learning_rate"][0]
     with pytest.raises(ValueError, match="adapt_every"):
         keras_kfac.KFAC(learning_rate=None, adapt_every=0)
+
+
+@pytest.mark.parametrize(
+    "chosen, reused",
+    [((0.3, 0.5), (0.3, 0.5)), ((-0.5, 10.5), (0.0, 0.99)), ((0.1, -0.2), (0.1, 0.0)), ((2.0, 1.0), (2.0, 0.99))],
+)
+def test_reused_step_size_and_momentum_are_clipped_to_a_bounded_heavy_ball(chosen, reused):
+    """Between two choices α ≥ 0 and 0 ≤ μ ≤ 0.99 are repeated: a μ = 10 chosen once and
+    repeated over adapt_every steps would multiply the velocity by 10 on each of them."""
+    np.testing.assert_allclose([float(v) for v in quadratic.reusable_step(*chosen)], reused, rtol=1e-7)
