@@ -15,7 +15,9 @@ For each batch size:
    wall-clock of the training steps alone (evaluation excluded).
 
 It writes `<out>/compare_b<batch>.json` (after every run: `--resume` continues an interrupted
-benchmark with the same sweep, provided the keras_kfac sources are unchanged), three PNG plots
+benchmark with the same sweep, provided the keras_kfac sources are unchanged; `--rerun-kinds
+kfac_adaptive` trains that row again on the saved sweep and other rows, and the table then names
+the sources of each row), three PNG plots
 per batch size (train loss vs steps, test accuracy vs steps, test accuracy vs seconds; mean
 and min–max band over seeds), and prints a table: steps and seconds to 85/88/90% test
 accuracy, steps to Adam's final training loss, final test accuracy, mean step time and its
@@ -158,6 +160,7 @@ def train(kind, settings, weights, data, batch_size, seed, epochs, eval_every, e
         "step_seconds": recorder.step_seconds,
         "evals": recorder.evals,
         "skipped_steps": skipped,
+        "source_digest": source_digest(),
     }
 
 
@@ -177,16 +180,29 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def load_saved(path: str):
+def load_saved(path: str, other_sources: bool = False):
     """The results saved at `path` (None when there are none), for --resume: refuses results
-    written by other keras_kfac sources."""
+    written by other keras_kfac sources unless `other_sources` (--rerun-kinds), in which case
+    every run keeps the digest of the sources that trained it."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
         saved = json.load(f)
-    if saved.get("source_digest") != source_digest():
+    for done in saved["runs"].values():
+        for run in done:
+            run.setdefault("source_digest", saved.get("source_digest"))
+    if saved.get("source_digest") != source_digest() and not other_sources:
         raise SystemExit(f"{path} was written by other keras_kfac sources; rerun without --resume.")
     return saved
+
+
+def sources_note(runs: dict) -> str:
+    """'' when one version of keras_kfac trained every run, else which rows came from which."""
+    digests = {kind: sorted({r.get("source_digest") or "?" for r in done}) for kind, done in runs.items() if done}
+    if len({d for ds in digests.values() for d in ds}) <= 1:
+        return ""
+    rows = "; ".join(f"{kind}: {', '.join(ds)}" for kind, ds in digests.items())
+    return f"Rows trained by different keras_kfac sources (digest of keras_kfac/*.py): {rows}."
 
 
 def initial_weights(seed: int):
@@ -384,6 +400,10 @@ def save_results(path: str, chosen: dict, runs: dict, batch_size: int, out: str,
         table = summarize(complete)
         record["table"] = table
         record["table_markdown"] = print_table(batch_size, table, seeds)
+        note = sources_note(complete)
+        if note:
+            print(note, flush=True)
+            record["table_markdown"] += "\n\n" + note
         record["plots"] = plot(batch_size, complete, out)
     with open(path, "w") as f:
         json.dump(record, f)
@@ -407,6 +427,12 @@ def main(argv=None):
         action="store_true",
         help="keep the sweep and the finished runs saved in --out (same keras_kfac sources only)",
     )
+    parser.add_argument(
+        "--rerun-kinds",
+        default=None,
+        help="with the sweep and the other runs saved in --out (from any keras_kfac sources), drop the saved "
+        "runs of these optimizers and train them again; the table names the sources of each row",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
@@ -419,6 +445,9 @@ def main(argv=None):
                     for e in run["evals"]:
                         e["seconds"] = training_seconds(run["step_seconds"], e["step"])
             print_table(batch_size, summarize(runs), seeds)
+            note = sources_note(runs)
+            if note:
+                print(note)
             plot(batch_size, runs, args.out)
         return
     os.makedirs(args.out, exist_ok=True)
@@ -433,7 +462,8 @@ def main(argv=None):
         if args.max_steps:
             eval_every = min(eval_every, max(1, args.max_steps // 3))
         path = os.path.join(args.out, f"compare_b{batch_size}.json")
-        saved = load_saved(path) if args.resume else None
+        rerun = args.rerun_kinds.split(",") if args.rerun_kinds else []
+        saved = load_saved(path, other_sources=bool(rerun)) if args.resume or rerun else None
         if saved is not None:
             chosen = saved["sweep"]
         elif args.no_sweep:
@@ -444,13 +474,13 @@ def main(argv=None):
         runs = {kind: [] for kind in KINDS}
         if saved is not None:
             for kind, done in saved["runs"].items():
-                runs[kind] = [r for r in done if r["seed"] in seeds]
+                runs[kind] = [] if kind in rerun else [r for r in done if r["seed"] in seeds]
 
         for seed in seeds:
             weights = initial_weights(seed)
             for kind in runs:
                 if (
-                    kind not in args.kinds.split(",")
+                    kind not in (rerun or args.kinds.split(","))
                     or seed not in run_seeds
                     or any(r["seed"] == seed for r in runs[kind])
                 ):
