@@ -75,9 +75,7 @@ SWEEP = {
     # "No tuning" (block-diagonal): automatic α, μ and Levenberg-Marquardt damping from the
     # paper's starting damping, 150 for the per-image sum, which is 150/784 for Keras' mean over
     # the pixels (see above); one candidate, so the sweep does not train it.
-    "kfac_adaptive": [
-        {"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0 / PIXELS, "adapt_every": 5}
-    ],
+    "kfac_adaptive": [{"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0 / PIXELS}],
 }
 COLORS = {
     "kfac_tridiagonal": "tab:red",
@@ -266,6 +264,11 @@ def main(argv=None):
     parser.add_argument("--train-size", type=int, default=None, help="use the first N training images (smoke runs)")
     parser.add_argument("--kinds", default=",".join(KINDS), help="optimizers to run (others keep their saved runs)")
     parser.add_argument(
+        "--rerun-kinds",
+        default=None,
+        help="keep the saved sweep and other runs; train these again (an unswept one with its current settings)",
+    )
+    parser.add_argument(
         "--resume",
         action="store_true",
         help="keep the sweep and the finished runs saved in --out (same keras_kfac sources only)",
@@ -281,9 +284,13 @@ def main(argv=None):
         steps, sweep_steps = min(steps, args.max_steps), min(sweep_steps, args.max_steps)
     print(f"# autoencoder.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     path = os.path.join(args.out, "autoencoder.json")
-    saved = load_saved(path) if args.resume else None
+    rerun = args.rerun_kinds.split(",") if args.rerun_kinds else []
+    saved = load_saved(path, other_sources=bool(rerun)) if args.resume or rerun else None
     if saved is not None:
         chosen = saved["sweep"]
+        for kind in rerun:  # a lone candidate is not swept: take its current settings
+            if len(SWEEP[kind]) == 1:
+                chosen[kind] = {"candidates": [{"settings": SWEEP[kind][0]}], "best": SWEEP[kind][0]}
     elif args.no_sweep:
         chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
     else:
@@ -292,12 +299,12 @@ def main(argv=None):
     runs = {kind: [] for kind in KINDS}
     if saved is not None:
         for kind, done in saved["runs"].items():
-            runs[kind] = [r for r in done if r["seed"] in seeds]
+            runs[kind] = [] if kind in rerun else [r for r in done if r["seed"] in seeds]
     record = {"argv": sys.argv[1:], "source_digest": source_digest(), "sweep": chosen, "runs": runs}
     for seed in seeds:
         weights = initial_weights(seed)
         for kind in KINDS:
-            if kind not in args.kinds.split(",") or any(r["seed"] == seed for r in runs[kind]):
+            if kind not in (rerun or args.kinds.split(",")) or any(r["seed"] == seed for r in runs[kind]):
                 continue
             run = train(kind, chosen[kind]["best"], weights, x_train, args.batch_size, seed, steps, x_test)
             runs[kind].append(run)

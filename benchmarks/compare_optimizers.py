@@ -65,9 +65,7 @@ SWEEP = {
     # "No tuning": the automatic step size and momentum with Levenberg-Marquardt damping from the
     # paper's starting damping.  One candidate, so the sweep does not train it.
     # adapt_every=5 (= damping_every): the F·v products are paid on one step in five.
-    "kfac_adaptive": [
-        {"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0, "adapt_every": 5}
-    ],
+    "kfac_adaptive": [{"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0}],
 }
 KINDS = ("kfac", "kfac_adaptive", "adam", "sgd")
 
@@ -466,6 +464,9 @@ def main(argv=None):
         saved = load_saved(path, other_sources=bool(rerun)) if args.resume or rerun else None
         if saved is not None:
             chosen = saved["sweep"]
+            for kind in rerun:  # a lone candidate is not swept: take its current settings
+                if len(SWEEP[kind]) == 1:
+                    chosen[kind] = {"candidates": [{"settings": SWEEP[kind][0]}], "best": SWEEP[kind][0]}
         elif args.no_sweep:
             chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
         else:
