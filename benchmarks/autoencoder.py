@@ -42,7 +42,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from compare_optimizers import Recorder, load_saved, run_sweep, smoothed, source_digest, training_seconds, window_for  # noqa: E402
+from compare_optimizers import (  # noqa: E402
+    Recorder,
+    run_sweep,
+    saved_sweep_and_runs,
+    smoothed,
+    source_digest,
+    training_seconds,
+    window_for,
+)
 
 import keras_kfac  # noqa: E402
 from keras_kfac.datasets import load_arrays  # noqa: E402
@@ -124,6 +132,7 @@ def train(kind, settings, weights, x, batch_size, seed, steps, eval_x=None):
         "step_seconds": recorder.step_seconds,
         "eval_loss": eval_loss,
         "skipped_steps": skipped,
+        "source_digest": source_digest(),
     }
 
 
@@ -285,21 +294,13 @@ def main(argv=None):
     print(f"# autoencoder.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
     path = os.path.join(args.out, "autoencoder.json")
     rerun = args.rerun_kinds.split(",") if args.rerun_kinds else []
-    saved = load_saved(path, other_sources=bool(rerun)) if args.resume or rerun else None
-    if saved is not None:
-        chosen = saved["sweep"]
-        for kind in rerun:  # a lone candidate is not swept: take its current settings
-            if len(SWEEP[kind]) == 1:
-                chosen[kind] = {"candidates": [{"settings": SWEEP[kind][0]}], "best": SWEEP[kind][0]}
-    elif args.no_sweep:
-        chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
-    else:
-        chosen = sweep(x_train, args.batch_size, sweep_steps)
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = {kind: [] for kind in KINDS}
-    if saved is not None:
-        for kind, done in saved["runs"].items():
-            runs[kind] = [] if kind in rerun else [r for r in done if r["seed"] in seeds]
+    chosen, saved_runs = saved_sweep_and_runs(path, SWEEP, args.resume, rerun, seeds)
+    if chosen is None and args.no_sweep:
+        chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
+    elif chosen is None:
+        chosen = sweep(x_train, args.batch_size, sweep_steps)
+    runs = {kind: [] for kind in KINDS} | saved_runs
     record = {"argv": sys.argv[1:], "source_digest": source_digest(), "sweep": chosen, "runs": runs}
     for seed in seeds:
         weights = initial_weights(seed)

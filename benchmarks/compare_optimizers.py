@@ -64,7 +64,6 @@ SWEEP = {
     ],
     # "No tuning": the automatic step size and momentum with Levenberg-Marquardt damping from the
     # paper's starting damping.  One candidate, so the sweep does not train it.
-    # adapt_every=5 (= damping_every): the F·v products are paid on one step in five.
     "kfac_adaptive": [{"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0}],
 }
 KINDS = ("kfac", "kfac_adaptive", "adam", "sgd")
@@ -194,6 +193,28 @@ def load_saved(path: str, other_sources: bool = False):
     return saved
 
 
+def unswept(settings: dict) -> dict:
+    """The sweep record of an optimizer with a single candidate (kept without training)."""
+    return {"candidates": [{"settings": settings}], "best": settings}
+
+
+def saved_sweep_and_runs(path: str, table: dict, resume: bool, rerun: list, seeds: list):
+    """(sweep, runs) saved at `path` for --resume / --rerun-kinds, or (None, {}) without them:
+    the runs of `seeds`, none for the kinds in `rerun`; an unswept kind in `rerun` takes its
+    current settings from `table`."""
+    saved = load_saved(path, other_sources=bool(rerun)) if resume or rerun else None
+    if saved is None:
+        return None, {}
+    chosen = saved["sweep"]
+    for kind in rerun:
+        if len(table[kind]) == 1:
+            chosen[kind] = unswept(table[kind][0])
+    runs = {
+        kind: [] if kind in rerun else [r for r in done if r["seed"] in seeds] for kind, done in saved["runs"].items()
+    }
+    return chosen, runs
+
+
 def sources_note(runs: dict) -> str:
     """'' when one version of keras_kfac trained every run, else which rows came from which."""
     digests = {kind: sorted({r.get("source_digest") or "?" for r in done}) for kind, done in runs.items() if done}
@@ -214,7 +235,7 @@ def run_sweep(table: dict, score, key: str, minimize: bool = False) -> dict:
     results = {}
     for kind, candidates in table.items():
         if len(candidates) == 1:
-            results[kind] = {"candidates": [{"settings": candidates[0]}], "best": candidates[0]}
+            results[kind] = unswept(candidates[0])
             continue
         scored = []
         for settings in candidates:
@@ -461,21 +482,13 @@ def main(argv=None):
             eval_every = min(eval_every, max(1, args.max_steps // 3))
         path = os.path.join(args.out, f"compare_b{batch_size}.json")
         rerun = args.rerun_kinds.split(",") if args.rerun_kinds else []
-        saved = load_saved(path, other_sources=bool(rerun)) if args.resume or rerun else None
-        if saved is not None:
-            chosen = saved["sweep"]
-            for kind in rerun:  # a lone candidate is not swept: take its current settings
-                if len(SWEEP[kind]) == 1:
-                    chosen[kind] = {"candidates": [{"settings": SWEEP[kind][0]}], "best": SWEEP[kind][0]}
-        elif args.no_sweep:
+        chosen, saved_runs = saved_sweep_and_runs(path, SWEEP, args.resume, rerun, seeds)
+        if chosen is None and args.no_sweep:
             chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
-        else:
+        elif chosen is None:
             sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
             chosen = sweep((x_train, y_train), batch_size, sweep_steps)
-        runs = {kind: [] for kind in KINDS}
-        if saved is not None:
-            for kind, done in saved["runs"].items():
-                runs[kind] = [] if kind in rerun else [r for r in done if r["seed"] in seeds]
+        runs = {kind: [] for kind in KINDS} | saved_runs
 
         for seed in seeds:
             weights = initial_weights(seed)
