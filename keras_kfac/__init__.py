@@ -5,11 +5,26 @@ model.compile(optimizer=keras_kfac.KFAC(), loss=..., metrics=[...])
 model.fit(...)
 """
 
-from keras_kfac.blocks import Conv2DBlock, DenseBlock, KroneckerBlock
-from keras_kfac.model import FunctionalModel, Model, Sequential, WrappedModel, discover_blocks, wrap
+import keras as _keras
+
+from keras_kfac import models
+from keras_kfac.blocks import (
+    BlockOptions,
+    Conv2DBlock,
+    CurvatureBlock,
+    DenseBlock,
+    KroneckerBlock,
+    register_block,
+    registered_blocks,
+)
+from keras_kfac.discovery import discover_blocks
+from keras_kfac.model import FunctionalModel, Model, Sequential, WrappedModel, wrap
 from keras_kfac.optimizer import KFAC
 
 __version__ = "0.1.0"
+
+# `keras.optimizers.get("kfac")` and `compile(optimizer="kfac")`, as for Keras' own optimizers.
+_keras.saving.get_custom_objects().setdefault("kfac", KFAC)
 
 __all__ = [
     "KFAC",
@@ -18,7 +33,12 @@ __all__ = [
     "FunctionalModel",
     "WrappedModel",
     "wrap",
+    "models",
     "discover_blocks",
+    "register_block",
+    "registered_blocks",
+    "BlockOptions",
+    "CurvatureBlock",
     "KroneckerBlock",
     "DenseBlock",
     "Conv2DBlock",

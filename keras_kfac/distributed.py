@@ -1,28 +1,27 @@
-"""K-FAC under `tf.distribute` (MirroredStrategy, MultiWorkerMirroredStrategy): data parallel.
+"""How a K-FAC step meets `tf.distribute` (MirroredStrategy, MultiWorkerMirroredStrategy).
 
-Every replica keeps a full copy of the factors and inverses and ends each step with the same
-values as the others:
+The step (`KFAC.kfac_step`) is written once and asks a reducer for the few things that differ
+between one device and data-parallel replicas:
 
-- statistics steps: each replica computes (A, G) from its part of the batch and the estimates
-  are averaged over the replicas (one all-reduce); equal per-replica batches give the factors
-  of the global batch;
-- inversion steps: each block is inverted by one replica (blocks spread over the replicas by
-  cost, largest first onto the least loaded one) and shared by an all-reduce in which the
-  other replicas contribute zeros (`distribute_inverses=False`: every replica inverts all);
-- the update: Keras' all-reduce of the gradients, then the preconditioning of the reduced
-  gradients, the same on every replica.
+- `all_true(flag)`: a non-finite loss or gradient on any replica skips the step on all;
+- `mean(tensors)`: statistics steps average each replica's batch estimates (one all-reduce;
+  equal per-replica batches give the factors of the global batch);
+- `update_inverses(blocks, damping)`: each block is inverted by one replica (blocks spread over
+  the replicas by cost, largest first onto the least loaded one) and shared by an all-reduce in
+  which the other replicas contribute zeros (`distribute_inverses=False`: every replica inverts
+  all of them);
+- `apply_if(ok, apply, skip, grads)`: the weight update goes through Keras' own code (its all-reduce
+  of the gradients, then `update_step` through the strategy) from a cross-replica `tf.cond`, as
+  Keras' `LossScaleOptimizer` does it.
 
-The statistics and inversions run under `tf.cond` in replica context, where TensorFlow's
-`merge_call` (which `ReplicaContext.all_reduce` uses on CPU) is not allowed, so their
-all-reduces call the strategy's collective ops directly. The weight update goes through
-Keras' own code from a cross-replica `tf.cond`, as Keras' `LossScaleOptimizer` does.
+On one device (`LocalReducer`) each of these is the identity or a plain `tf.cond`.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_kfac import linalg
+from keras_kfac import _private
 
 
 def replicated() -> bool:
@@ -44,32 +43,12 @@ def replica_seed(seed: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.random.experimental.stateless_fold_in(seed, tf.cast(replica, tf.int32)), tf.int64)
 
 
-def _collective_ops(strategy):
-    """The strategy's `CollectiveAllReduce`, which reduces in replica context without merge_call."""
-    extended = strategy.extended
-    for name in ("_collective_ops", "_cross_device_ops"):
-        ops = getattr(extended, name, None)
-        if ops is not None and hasattr(ops, "_all_reduce") and hasattr(ops, "_launchers"):
-            return ops
-    raise NotImplementedError(
-        f"K-FAC needs collective all-reduce ops under {type(strategy).__name__}; use MirroredStrategy or "
-        "MultiWorkerMirroredStrategy."
-    )
-
-
 def all_reduce(values: list, op: str = "mean") -> list:
-    """All-reduces a list of float32 tensors over the replicas ("sum" or "mean") from replica
-    context, inside `tf.cond` too (no merge_call). Uses TensorFlow's private
-    `CollectiveAllReduce._all_reduce`, the path TF itself takes when merge_call is off."""
-    strategy = tf.distribute.get_strategy()
-    if not values or strategy.num_replicas_in_sync == 1:  # no collective for a group of one
+    """All-reduces float32 tensors over the replicas ("sum" or "mean") from replica context."""
+    if not values or num_replicas() == 1:  # no collective for a group of one
         return list(values)
-    ctx = tf.distribute.get_replica_context()
     reduce_op = tf.distribute.ReduceOp.SUM if op == "sum" else tf.distribute.ReduceOp.MEAN
-    options = getattr(strategy.extended, "_communication_options", None)
-    if options is None:
-        options = tf.distribute.experimental.CommunicationOptions()
-    return list(_collective_ops(strategy)._all_reduce(reduce_op, list(values), ctx._replica_id, options))
+    return _private.collective_all_reduce(values, reduce_op)
 
 
 def owners(costs: list, replicas: int) -> list:
@@ -83,112 +62,83 @@ def owners(costs: list, replicas: int) -> list:
     return owner
 
 
-def inverse_cost(block) -> int:
-    """Flops of a block's inversion, up to a constant: dim_a³ + dim_g³."""
-    return block.dim_a**3 + block.dim_g**3
+class LocalReducer:
+    """One device: nothing to reduce."""
+
+    replicated = False
+
+    def all_true(self, flag):
+        return flag
+
+    def mean(self, tensors: list) -> list:
+        return list(tensors)
+
+    def update_inverses(self, blocks, damping) -> None:
+        for block in blocks:
+            values, ok = block.compute_inverse(damping)
+            block.assign_inverse(values, ok)
+
+    def apply_if(self, ok, apply, skip, grads: list):
+        """`apply(grads)` when `ok`, else `skip()`."""
+        return tf.cond(ok, lambda: apply(grads), skip)
 
 
-def reduce_statistics(batch: list, ok):
-    """Averages the per-replica batch factors; returns (batch, ok) with ok from the averages."""
-    if not replicated():
-        return batch, ok
-    flat = [t for pair in batch if pair is not None for t in pair]
-    reduced = iter(all_reduce(flat, "mean"))
-    out, ok = [], tf.constant(True)
-    for pair in batch:
-        if pair is None:
-            out.append(None)
-            continue
-        pair = (next(reduced), next(reduced))
-        ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(pair[0])))
-        ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(pair[1])))
-        out.append(pair)
-    return out, ok
+class ReplicaReducer(LocalReducer):
+    """Data-parallel replicas of a strategy (see module doc)."""
+
+    replicated = True
+
+    def __init__(self, distribute_inverses: bool = True):
+        self.distribute_inverses = distribute_inverses
+
+    def all_true(self, flag):
+        (bad,) = all_reduce([1.0 - tf.cast(flag, tf.float32)], "sum")
+        return tf.equal(bad, 0.0)
+
+    def mean(self, tensors: list) -> list:
+        return all_reduce(list(tensors), "mean")
+
+    def update_inverses(self, blocks, damping) -> None:
+        if not self.distribute_inverses:
+            return super().update_inverses(blocks, damping)
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int32)
+        owner = owners([b.inverse_cost() for b in blocks], num_replicas())
+        results = []
+        for index, block in enumerate(blocks):
+
+            def compute(block=block):
+                values, ok = block.compute_inverse(damping)
+                return [tf.cast(v, tf.float32) for v in values] + [tf.cast(ok, tf.float32)]
+
+            def zeros(block=block):
+                return [tf.zeros(v.shape, tf.float32) for v in block.inverse_variables] + [tf.zeros((), tf.float32)]
+
+            results.append(tf.cond(tf.equal(replica, owner[index]), compute, zeros))
+        flat = all_reduce([t for r in results for t in r], "sum")
+        position = 0
+        for block, local in zip(blocks, results):
+            shared = flat[position : position + len(local)]
+            position += len(local)
+            block.assign_inverse(shared[:-1], shared[-1] > 0.5)
+
+    def apply_if(self, ok, apply, skip, grads: list):
+        # Per-replica values (each replica's gradients) reach the cross-replica function only
+        # through merge_call's arguments.
+        def cross_replica(strategy, ok, grads):
+            # `ok` is the same on every replica; Keras' apply (gradient all-reduce, update
+            # through merge_call) runs from here, as Keras' LossScaleOptimizer does it.
+            ok = strategy.experimental_local_results(ok)[0]
+
+            def apply_on_replicas():
+                strategy.extended.call_for_each_replica(apply, args=(grads,))
+                return tf.constant(True)
+
+            return tf.cond(ok, apply_on_replicas, skip)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, list(grads)))
+        return ok
 
 
-def update_inverses(opt):
-    """`KFAC._update_inverses` with each block inverted by its owner replica and shared."""
-    ctx = tf.distribute.get_replica_context()
-    replica = tf.cast(ctx.replica_id_in_sync_group, tf.int32)
-    owner = owners([inverse_cost(b) for b in opt.blocks], num_replicas())
-    dtype = tf.as_dtype(opt.inverse_dtype)
-    damping = opt.damping
-    results = []
-    for index, ((a, g), state) in enumerate(zip(opt._state.factors, opt._state.inverses)):
-        if opt.damping_mode == "eigen":
-
-            def compute(a=a, g=g):
-                return [*linalg.symmetric_eigh(a, dtype), *linalg.symmetric_eigh(g, dtype)]
-
-        else:
-
-            def compute(a=a, g=g):
-                new_a, new_g, ok = linalg.factored_inverses(a, g, damping, dtype)
-                return [new_a, new_g, tf.cast(ok, tf.float32)]
-
-        def zeros(state=state):
-            shapes = [v.shape for v in state] + ([()] if opt.damping_mode != "eigen" else [])
-            return [tf.zeros(s, tf.float32) for s in shapes]
-
-        mine = tf.equal(replica, owner[index])
-        results.append([tf.cast(t, tf.float32) for t in tf.cond(mine, compute, zeros)])
-    flat = all_reduce([t for r in results for t in r], "sum")
-    position = 0
-    for state, local in zip(opt._state.inverses, results):
-        shared = flat[position : position + len(local)]
-        position += len(local)
-        if opt.damping_mode == "eigen":
-            for variable, value in zip(state, shared):
-                variable.assign(value)
-        else:
-            ok = shared[2] > 0.5
-            for variable, value in zip(state, shared[:2]):
-                variable.assign(tf.where(ok, value, variable))
-    return tf.constant(True)
-
-
-def kfac_step(opt, grads, variables, loss, statistics_fn):
-    """`KFAC.kfac_step` for one replica of a strategy; returns whether the step was applied."""
-    local_ok = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))
-    for g in grads:
-        if g is not None:
-            local_ok = tf.logical_and(local_ok, tf.reduce_all(tf.math.is_finite(g)))
-    # Non-finite anywhere skips the step everywhere.
-    (bad,) = all_reduce([1.0 - tf.cast(local_ok, tf.float32)], "sum")
-    finite = tf.equal(bad, 0.0)
-
-    def collect():
-        return opt._update_statistics(*statistics_fn())
-
-    stats_ok = tf.cond(tf.logical_and(finite, opt.due(opt.stats_every)), collect, lambda: tf.constant(True))
-    ok = tf.logical_and(finite, stats_ok)
-    inverses = (lambda: update_inverses(opt)) if opt.distribute_inverses else opt._update_inverses
-    tf.cond(tf.logical_and(ok, opt.due(opt.inverse_every)), inverses, lambda: tf.constant(False))
-
-    present = [i for i, g in enumerate(grads) if g is not None]
-    present_vars = [variables[i] for i in present]
-
-    def apply_fn(gs):
-        opt._kfac_active = True
-        try:
-            opt.apply(list(gs), present_vars)
-        finally:
-            opt._kfac_active = False
-
-    def cross_replica(strategy, ok, gs):
-        # `ok` is the same on every replica; Keras' apply (gradient all-reduce, update through
-        # merge_call) runs from here, as Keras' LossScaleOptimizer does it.
-        ok = strategy.experimental_local_results(ok)[0]
-
-        def apply():
-            strategy.extended.call_for_each_replica(apply_fn, args=(gs,))
-            return tf.constant(True)
-
-        def skip():
-            opt._skipped_steps.assign_add(1)
-            return tf.constant(False)
-
-        return tf.cond(ok, apply, skip)
-
-    tf.distribute.get_replica_context().merge_call(cross_replica, args=(ok, [grads[i] for i in present]))
-    return ok
+def reducer(distribute_inverses: bool = True) -> LocalReducer:
+    """The reducer for the current context: replicas inside `strategy.run`, else one device."""
+    return ReplicaReducer(distribute_inverses) if replicated() else LocalReducer()

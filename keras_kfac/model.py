@@ -3,14 +3,15 @@
 `Model`, `Sequential` and `wrap(model)` change `train_step` only, and only when the compiled
 optimizer is `keras_kfac.KFAC`; with any other optimizer they train exactly as `keras.Model`.
 
-A K-FAC step is split into four pieces so that the eigendecompositions can stay outside XLA
-on CPU while the rest is compiled:
+A K-FAC step is split into pieces so that the inversions can stay outside XLA on CPU while the
+rest is compiled:
 
-1. forward and backward pass, with the statistics gradients (XLA when the model's
-   `jit_compile` is on, as Keras would compile its own step);
-2. factor statistics (XLA);
-3. eigendecompositions every `inverse_every` steps (XLA on GPU/TPU, plain on CPU);
-4. preconditioning and the weight update (XLA).
+1. forward and backward pass (XLA when the model's `jit_compile` is on, as Keras would compile
+   its own step);
+2. on statistics steps, the statistics pass: the recorded layer inputs and the per-example
+   output gradients, from a forward and backward pass of the first `stats_batch_size` examples
+   alone (or of the whole batch when it is None), see `KFACTrainStep._kfac_statistics`;
+3. the optimizer's phases (`KFAC.kfac_step`): statistics, inverses, directions, update.
 
 Keras' own step function around them is therefore built without `jit_compile`.
 """
@@ -19,40 +20,22 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
-from keras.src.models.functional import Functional
-from keras.src.models.model import functional_init_arguments
-from keras.src.saving import serialization_lib
 
+from keras_kfac import _private
 from keras_kfac import fisher as fisher_lib
-from keras_kfac.blocks import block_for_layer
 from keras_kfac.capture import capture
+from keras_kfac.discovery import discover_blocks, spec_of_batch
 from keras_kfac.optimizer import KFAC
 from keras_kfac.tridiagonal import chain_bytes, find_chains
 
-__all__ = ["Model", "Sequential", "wrap", "discover_blocks"]
+__all__ = ["Model", "Sequential", "FunctionalModel", "WrappedModel", "wrap", "discover_blocks"]
 
 
-def discover_blocks(model) -> tuple[list, list]:
-    """Returns (blocks, others): a block for every supported layer, and (layer, reason) for
-    every other layer that owns trainable weights (those go to the fallback optimizer)."""
-    blocks, others = [], []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if layer._layers:  # a container: its sublayers are visited on their own
-            continue
-        block, reason = block_for_layer(layer)
-        if block is not None:
-            blocks.append(block)
-        elif layer._trainable_variables and layer.trainable:
-            others.append((layer, reason))
-    return blocks, others
-
-
-def _float32_grads(grads, preacts, scale=None) -> list:
-    """float32 copies of the pre-activation gradients (zeros where a call did not reach the loss)."""
+def _float32_grads(grads, targets, scale=None) -> list:
+    """float32 copies of the target gradients (zeros where a call did not reach the loss)."""
     out = []
-    for g, p in zip(grads, preacts):
-        g = tf.zeros_like(p, tf.float32) if g is None else tf.cast(g, tf.float32)
+    for g, t in zip(grads, targets):
+        g = tf.zeros_like(t, tf.float32) if g is None else tf.cast(g, tf.float32)
         out.append(g if scale is None else g * scale)
     return out
 
@@ -60,6 +43,16 @@ def _float32_grads(grads, preacts, scale=None) -> list:
 def _kfac_optimizer(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner if isinstance(inner, KFAC) else None
+
+
+def _parameters(variables) -> int:
+    total = 0
+    for v in variables:
+        count = 1
+        for d in v.shape:
+            count *= int(d)
+        total += count
+    return total
 
 
 class KFACTrainStep:
@@ -70,6 +63,7 @@ class KFACTrainStep:
         self._kfac_loss = (loss, loss_weights)
         self._kfac_specs = None
         self._kfac_forward_fn = None
+        self._kfac_subset_fn = None
         kfac = _kfac_optimizer(self.optimizer)
         if kfac is not None:
             kfac.attach_model(self)
@@ -77,7 +71,7 @@ class KFACTrainStep:
     def compile_from_config(self, config):
         # Keras skips compile_from_config for models that override compile(); this is the
         # same recipe as keras.Model's.
-        config = serialization_lib.deserialize_keras_object(config)
+        config = keras.saving.deserialize_keras_object(config)
         self.compile(**config)
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
@@ -86,80 +80,40 @@ class KFACTrainStep:
         if _kfac_optimizer(getattr(self, "optimizer", None)) is None or self.run_eagerly:
             return super().make_train_function(force)
         self._kfac_forward_jit = bool(self.jit_compile)
-        saved = self._jit_compile
-        self._jit_compile = False
+        saved = self.jit_compile
+        self.jit_compile = False
         try:
             return super().make_train_function(force)
         finally:
-            self._jit_compile = saved
+            self.jit_compile = saved
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        # Keras builds from `strategy.reduce("MEAN", first_batch)`, which fails with several
-        # MultiWorkerMirroredStrategy workers (their reduce takes no (x, y) structure); the first
-        # local replica's batch has the same shapes and needs no communication.
-        strategy = self._distribute_strategy
-        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or iterator is None:
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        for _, _, it in iterator:
-            batch = next(it)
-            data_batch = keras.tree.map_structure(
-                lambda t: (
-                    strategy.experimental_local_results(t)[0] if isinstance(t, tf.distribute.DistributedValues) else t
-                ),
-                batch,
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
+        return _private.multiworker_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
 
     def _make_function(self, step_function):
-        # With several MultiWorkerMirroredStrategy workers Keras reduces every log value with
-        # strategy.reduce("MEAN", v, axis=0), which fails for scalars; as shape-(1,) tensors they
-        # reduce to the same mean.
-        strategy = self._distribute_strategy
-        if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return super()._make_function(step_function)
-
-        def step_with_vector_logs(data):
-            logs = step_function(data)
-            return keras.tree.map_structure(lambda t: tf.reshape(t, (1,)) if t.shape.rank == 0 else t, logs)
-
-        return super()._make_function(step_with_vector_logs)
+        return super()._make_function(_private.multiworker_step_function(self, step_function))
 
     def kfac_summary(self, print_fn=print) -> str:
-        """Prints (and returns) which layer got which block, its factor shapes and memory."""
-        blocks, others = discover_blocks(self)
-        rows = [("layer", "block", "A", "G", "factor MiB", "eig MiB", "weights MiB")]
-        total_factors = total_eig = total_weights = 0
+        """Prints (and returns) which layer got which block, its curvature, the memory of its
+        state, the layers left to the fallback optimizer (with why) and the share of the
+        trainable parameters under curvature blocks."""
+        kfac = _kfac_optimizer(getattr(self, "optimizer", None))
+        if kfac is not None and kfac.built:
+            blocks, others = kfac.blocks, kfac.fallback_layers
+        else:
+            options = kfac.block_options if kfac is not None else None
+            blocks, others = discover_blocks(self, options, kfac.exclude if kfac is not None else None)
+        rows = [("layer", "block", "curvature", "parameters", "state MiB")]
+        total_state = block_params = 0
         for b in blocks:
-            factors = 4 * (b.dim_a**2 + b.dim_g**2)
-            eig = 4 * (b.dim_a**2 + b.dim_a + b.dim_g**2 + b.dim_g)
-            weights = 4 * b.dim_a * b.dim_g
-            total_factors, total_eig, total_weights = total_factors + factors, total_eig + eig, total_weights + weights
-            rows.append(
-                (
-                    b.name,
-                    b.kind,
-                    f"{b.dim_a}x{b.dim_a}",
-                    f"{b.dim_g}x{b.dim_g}",
-                    f"{factors / 2**20:.3f}",
-                    f"{eig / 2**20:.3f}",
-                    f"{weights / 2**20:.3f}",
-                )
-            )
-        rows.append(
-            (
-                "total",
-                f"{len(blocks)} blocks",
-                "",
-                "",
-                f"{total_factors / 2**20:.3f}",
-                f"{total_eig / 2**20:.3f}",
-                f"{total_weights / 2**20:.3f}",
-            )
-        )
+            info = b.summary()
+            params = _parameters(b.variables)
+            total_state += info["state_bytes"]
+            block_params += params
+            rows.append((b.name, info["block"], info["curvature"], f"{params:,}", f"{info['state_bytes'] / 2**20:.3f}"))
+        rows.append(("total", f"{len(blocks)} blocks", "", f"{block_params:,}", f"{total_state / 2**20:.3f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         chains = find_chains(self, blocks)
         if chains:
             lines.append(
@@ -172,8 +126,15 @@ class KFACTrainStep:
         if others:
             lines.append("Updated by the fallback optimizer (no K-FAC block):")
             for layer, reason in others:
-                count = sum(int(v.numpy().size) for v in layer._trainable_variables)
-                lines.append(f"  {layer.name} ({type(layer).__name__}, {count} parameters): {reason}")
+                lines.append(
+                    f"  {layer.name} ({type(layer).__name__}, {_parameters(layer.trainable_variables):,} "
+                    f"parameters): {reason}"
+                )
+        total_params = _parameters(self.trainable_variables)
+        share = 100.0 * block_params / total_params if total_params else 0.0
+        lines.append(
+            f"Trainable parameters under curvature blocks: {block_params:,} of {total_params:,} ({share:.1f}%)"
+        )
         text = "\n".join(lines)
         if print_fn is not None:
             print_fn(text)
@@ -195,11 +156,24 @@ class KFACTrainStep:
         return self._kfac_specs
 
     def _kfac_call(self, x):
-        return self(x, training=True) if self._call_has_training_arg else self(x)
+        return self(x, training=True) if _private.call_has_training_arg(self) else self(x)
 
-    def _kfac_sampled_grads(self, y_pred, preacts, tape, specs) -> list:
-        """g for targets drawn from the model's predictive distribution (the true Fisher)."""
-        opt = _kfac_optimizer(self.optimizer)
+    def _kfac_values(self) -> list:
+        """Copies of the non-trainable variables that a forward pass may change (moving
+        statistics, random-generator states)."""
+        return [tf.identity(v.value) for v in self.non_trainable_variables]
+
+    def _kfac_restore(self, values) -> None:
+        for variable, value in zip(self.non_trainable_variables, values):
+            variable.assign(value)
+
+    def _kfac_output_grads(self, opt, y_pred, y, sample_weight, loss, tape, targets, num_examples) -> list:
+        """Per-example loss gradients with respect to the recorded targets (see `keras_kfac.fisher`)."""
+        if opt.fisher == "empirical":
+            # m × ∂(batch loss)/∂(target): each example's own loss gradient under Keras' mean.
+            scale = tf.cast(num_examples, tf.float32) / opt.loss_scale()
+            return _float32_grads(tape.gradient(loss, targets), targets, scale)
+        specs = self._kfac_loss_specs(y_pred)
         outputs = keras.tree.flatten(y_pred)
         seed = opt.sampling_seed()
         output_grads = [
@@ -209,93 +183,93 @@ class KFACTrainStep:
             )
             for i, (spec, out) in enumerate(zip(specs, outputs))
         ]
-        return _float32_grads(tape.gradient(outputs, preacts, output_gradients=output_grads), preacts)
+        return _float32_grads(tape.gradient(outputs, targets, output_gradients=output_grads), targets)
 
-    def _kfac_subset_statistics(self, x, specs):
-        """Statistics from a forward and backward pass of the first `stats_batch_size` examples
-        alone: cheaper than a sampled-target backward pass through the whole batch."""
+    def _kfac_statistics_pass(self, x, y, sample_weight):
+        """(inputs, target gradients, examples) from a forward and backward pass of this batch
+        alone; the non-trainable variables (moving statistics) are left as they were."""
         opt = _kfac_optimizer(self.optimizer)
-        k = opt.stats_batch_size
-        x_k = keras.tree.map_structure(lambda t: t[:k], x)
+        values = self._kfac_values()
+        num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
         with capture(opt.blocks) as record:
             with tf.GradientTape() as tape:
-                y_k = self._kfac_call(x_k)
-        preacts = record.flat_preactivations()
-        grads = self._kfac_sampled_grads(y_k, preacts, tape, specs)
-        return record.inputs, record.unflatten(grads), tf.shape(keras.tree.flatten(x_k)[0])[0]
-
-    def _kfac_forward_backward(self, x, y, sample_weight, deferred=False):
-        """Forward pass, loss, gradients, and the statistics (layer inputs, g, example count).
-
-        With `deferred` (not inside an XLA-compiled forward) the statistics are returned as a
-        function that the optimizer calls on statistics steps only; otherwise the
-        sampled-target backward pass runs under `tf.cond` here and other steps return zeros.
-        """
-        opt = _kfac_optimizer(self.optimizer)
-        sampled = opt.fisher == "sampled"
-        # A separate small forward pass for the statistics, when it is cheaper and harmless.
-        subset = sampled and deferred and opt.stats_batch_size is not None and not self.non_trainable_weights
-        with capture(opt.blocks) as record:
-            with tf.GradientTape(persistent=sampled and not subset) as tape:
                 y_pred = self._kfac_call(x)
-                loss = self._compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+                loss = None
+                if opt.fisher == "empirical":
+                    loss = opt.scale_loss(_private.compute_loss(self, x, y, y_pred, sample_weight))
+        targets = record.flat_targets()
+        grads = self._kfac_output_grads(opt, y_pred, y, sample_weight, loss, tape, targets, num_examples)
+        self._kfac_restore(values)
+        return record.inputs, record.unflatten(grads), num_examples
+
+    def _kfac_statistics(self, x, y, sample_weight):
+        """The statistics of the first `stats_batch_size` examples (their own forward and
+        backward pass, cheaper than a second backward pass through the whole batch)."""
+        opt = _kfac_optimizer(self.optimizer)
+        k = opt.stats_batch_size
+        first = lambda t: None if t is None else t[:k]  # noqa: E731
+        x_k = keras.tree.map_structure(first, x)
+        y_k = keras.tree.map_structure(first, y) if y is not None else None
+        w_k = keras.tree.map_structure(first, sample_weight) if sample_weight is not None else None
+        if self._kfac_subset_fn is None:
+            if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
+                self._kfac_subset_fn = tf.function(self._kfac_statistics_pass, jit_compile=True, reduce_retracing=True)
+            else:
+                self._kfac_subset_fn = self._kfac_statistics_pass
+        return self._kfac_subset_fn(x_k, y_k, w_k)
+
+    def _kfac_forward_backward(self, x, y, sample_weight):
+        """Forward pass, loss and gradients; without `stats_batch_size`, also the statistics of
+        the whole batch (computed on statistics steps only, zeros otherwise)."""
+        opt = _kfac_optimizer(self.optimizer)
+        whole = opt.stats_batch_size is None
+        blocks = opt.blocks if whole else []
+        with capture(blocks) as record:
+            with tf.GradientTape(persistent=whole and opt.fisher == "sampled") as tape:
+                y_pred = self._kfac_call(x)
+                loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
                 scaled_loss = opt.scale_loss(loss)
         variables = self.trainable_weights
-        preacts = record.flat_preactivations()
+        targets = record.flat_targets()
+        if not whole:
+            return y_pred, loss, tape.gradient(scaled_loss, variables), None
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
-        if not sampled:
-            both = tape.gradient(scaled_loss, variables + preacts)
-            grads = both[: len(variables)]
+        if opt.fisher == "empirical":
+            both = tape.gradient(scaled_loss, variables + targets)
+            grads, target_grads = both[: len(variables)], both[len(variables) :]
             scale = tf.cast(num_examples, tf.float32) / opt.loss_scale()
-
-            def empirical_statistics():  # per-example g: m × ∂(batch loss)/∂(pre-activation)
-                g = _float32_grads(both[len(variables) :], preacts, scale)
-                return record.inputs, record.unflatten(g), num_examples
-
-            if deferred:
-                return y_pred, loss, grads, empirical_statistics
-            statistics = empirical_statistics()
+            g = _float32_grads(target_grads, targets, scale)
         else:
             grads = tape.gradient(scaled_loss, variables)
-            specs = self._kfac_loss_specs(y_pred)  # an unsupported loss fails here, at the first step
-
-            def sampled_statistics():
-                if subset:
-                    return self._kfac_subset_statistics(x, specs)
-                g = self._kfac_sampled_grads(y_pred, preacts, tape, specs)
-                return record.inputs, record.unflatten(g), num_examples
-
-            if deferred:
-                return y_pred, loss, grads, sampled_statistics
-            if preacts:
-                zeros = lambda: [tf.zeros_like(p, tf.float32) for p in preacts]  # noqa: E731
+            if targets:
                 due = opt.due(opt.stats_every)
-                g = tf.cond(due, lambda: self._kfac_sampled_grads(y_pred, preacts, tape, specs), zeros)
+                output_grads = lambda: self._kfac_output_grads(  # noqa: E731
+                    opt, y_pred, y, sample_weight, None, tape, targets, num_examples
+                )
+                zeros = lambda: [tf.zeros_like(t, tf.float32) for t in targets]  # noqa: E731
+                g = tf.cond(due, output_grads, zeros)
                 g = list(g) if isinstance(g, (list, tuple)) else [g]
             else:
                 g = []
-            statistics = (record.inputs, record.unflatten(g), num_examples)
-        return y_pred, loss, grads, statistics
+        return y_pred, loss, grads, (record.inputs, record.unflatten(g), num_examples)
 
-    def _kfac_quadratic(self, x, y, sample_weight, y_pred, num_examples):
-        """The quadratic model's view of this batch: outputs, Fisher products and the loss."""
+    def _kfac_quadratic(self, x, y, sample_weight, y_pred, num_examples, before):
+        """The quadratic model's view of this batch: outputs, Fisher products and the loss.
+
+        Its extra forward passes start from the non-trainable values `before` the step, so
+        that they draw the same dropout masks as the training pass and leave the moving
+        statistics to that pass alone (`train_step` puts its values back afterwards)."""
         from keras_kfac.quadratic import BatchQuadratic
 
+        def forward():
+            self._kfac_restore(before)
+            return keras.tree.flatten(self._kfac_call(x))
+
         def loss_fn():
-            return self._compute_loss(x=x, y=y, y_pred=self._kfac_call(x), sample_weight=sample_weight, training=True)
+            self._kfac_restore(before)
+            return _private.compute_loss(self, x, y, self._kfac_call(x), sample_weight)
 
-        return BatchQuadratic(
-            lambda: keras.tree.flatten(self._kfac_call(x)),
-            loss_fn,
-            self._kfac_loss_specs(y_pred),
-            self.trainable_weights,
-            num_examples,
-        )
-
-    def _kfac_snapshot(self) -> list:
-        """Copies of the non-trainable variables that a forward pass may change (moving
-        statistics, RNG states), taken before it."""
-        return [tf.identity(v.value) for v in self.non_trainable_variables]
+        return BatchQuadratic(forward, loss_fn, self._kfac_loss_specs(y_pred), self.trainable_weights, num_examples)
 
     def _kfac_rollback(self, applied, snapshot) -> None:
         """Puts the snapshot back when the step was skipped, so that a non-finite batch leaves
@@ -304,8 +278,7 @@ class KFACTrainStep:
             return
 
         def restore():
-            for variable, value in zip(self.non_trainable_variables, snapshot):
-                variable.assign(value)
+            self._kfac_restore(snapshot)
             return tf.constant(False)
 
         tf.cond(applied, lambda: tf.constant(True), restore)
@@ -314,12 +287,13 @@ class KFACTrainStep:
         opt = _kfac_optimizer(getattr(self, "optimizer", None))
         if opt is None:
             return super().train_step(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not opt.built:
             # Without a distribution strategy Keras builds optimizers lazily inside the first
             # step; K-FAC needs its blocks (hence a built model) before the forward pass.
-            self._symbolic_build(data_batch=data)
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        snapshot = self._kfac_snapshot()
+            opt.attach_model(self, input_spec=spec_of_batch(x))
+            _private.symbolic_build(self, data)
+        snapshot = self._kfac_values()
         if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
             if self._kfac_forward_fn is None:
                 self._kfac_forward_fn = tf.function(
@@ -327,12 +301,22 @@ class KFACTrainStep:
                 )
             y_pred, loss, grads, statistics = self._kfac_forward_fn(x, y, sample_weight)
         else:
-            y_pred, loss, grads, statistics = self._kfac_forward_backward(x, y, sample_weight, deferred=True)
-        statistics_fn = statistics if callable(statistics) else (lambda: statistics)
+            y_pred, loss, grads, statistics = self._kfac_forward_backward(x, y, sample_weight)
+        if statistics is None:
+            statistics_fn = lambda: self._kfac_statistics(x, y, sample_weight)  # noqa: E731
+        else:
+            statistics_fn = lambda: statistics  # noqa: E731
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
-        self._loss_tracker.update_state(unscale_loss_for_distribution(loss), sample_weight=num_examples)
-        batch = self._kfac_quadratic(x, y, sample_weight, y_pred, num_examples) if opt.uses_quadratic else None
+        _private.loss_tracker(self).update_state(
+            _private.unscale_loss_for_distribution(loss), sample_weight=num_examples
+        )
+        batch = None
+        if opt.uses_quadratic:
+            after = self._kfac_values()
+            batch = self._kfac_quadratic(x, y, sample_weight, y_pred, num_examples, snapshot)
         applied = opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn, batch=batch)
+        if opt.uses_quadratic:
+            self._kfac_restore(after)
         opt.update_loss_scale(applied)
         self._kfac_rollback(applied, snapshot)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -345,13 +329,13 @@ class Model(KFACTrainStep, keras.Model):
     """Drop-in `keras.Model` (functional or subclassed) whose train_step supports KFAC."""
 
     def __new__(cls, *args, **kwargs):
-        if cls is Model and functional_init_arguments(args, kwargs):
+        if cls is Model and _private.functional_init_arguments(args, kwargs):
             return FunctionalModel.__new__(FunctionalModel, *args, **kwargs)
         return super().__new__(cls, *args, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
-class FunctionalModel(Model, Functional):
+class FunctionalModel(Model, _private.Functional):
     """What `keras_kfac.Model(inputs, outputs)` returns (as `keras.Model` returns Functional)."""
 
 
@@ -397,7 +381,7 @@ def wrap(model: keras.Model) -> keras.Model:
             spec = model.inputs[0]
             layers = [keras.Input(batch_shape=spec.shape, dtype=spec.dtype)] + layers
         return Sequential(layers, name=model.name)
-    if isinstance(model, Functional):
+    if isinstance(model, _private.Functional):
         return FunctionalModel(model.inputs, model.outputs, name=model.name)
     if isinstance(model, keras.Model):
         return WrappedModel(model, name=f"{model.name}_kfac")

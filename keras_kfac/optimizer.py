@@ -1,15 +1,25 @@
-"""The K-FAC optimizer: factor statistics, periodic eigendecompositions and the damped step.
+"""The K-FAC optimizer: one step as named phases over curvature blocks.
 
-Per block (one Dense or Conv2D layer, kernel and bias together) the gradient matrix V is
-preconditioned with the damped inverse of A ⊗ G (see `keras_kfac.linalg`) giving U; the step
-is δ = −lr · U with heavy-ball momentum, U optionally rescaled by a KL clip or grafted to the
-norm of an Adam/SGD step.  Statistics are exponential moving averages with weight
-ε_k = min(1 − 1/k, stats_decay) on the old value after k updates.  Variables without a block
-are updated by the `fallback` optimizer.
+Per block (one layer's kernel and bias, see `keras_kfac.blocks`) the gradient is multiplied by
+the block's damped inverse curvature, giving the direction U; the step is δ = −lr · U with
+heavy-ball momentum, U optionally rescaled by a KL clip or grafted to the norm of an Adam/SGD
+step.  Statistics are exponential moving averages with weight ε_k = min(1 − 1/k, stats_decay)
+on the old value after k updates.  Variables without a block are updated by the `fallback`
+optimizer.
 
-The statistics and the preconditioned update run as XLA-compiled functions; the
-eigendecompositions run in their own function, XLA-compiled on GPU/TPU and plain on CPU
-(`inverse_jit="auto"`), because XLA's CPU `eigh` is far slower than LAPACK's.
+A step (`kfac_step`) runs these phases, each over all blocks:
+
+1. statistics: every `stats_every` steps, batch estimates from the recorded layer inputs and
+   output gradients, averaged over replicas, folded into the moving averages;
+2. inverses: every `inverse_every` steps, each block's damped inverse (shared over replicas);
+3. directions: the raw gradients, clipped as Keras clips them, multiplied by the inverses;
+4. graft / KL clip: each direction rescaled to a first-order norm, then all by the KL bound;
+5. update: heavy-ball momentum (with `learning_rate=None`/`momentum=None`, α and μ minimise the
+   quadratic model, `keras_kfac.quadratic`), and the fallback optimizer's step for the rest.
+
+`tf.distribute` enters through a reducer (`keras_kfac.distributed`) that phases 1, 2 and the
+update call.  Phase 1 runs XLA-compiled on GPU/TPU, phase 2 too (plain on CPU, where XLA's
+`eigh` is far slower than LAPACK's), phases 3-5 always.
 """
 
 from __future__ import annotations
@@ -22,28 +32,16 @@ import numpy as np
 import tensorflow as tf
 from keras.optimizers.schedules import LearningRateSchedule
 
+from keras_kfac import _private, distributed, graft, quadratic, tridiagonal
+from keras_kfac import arguments as args
 from keras_kfac import damping as damping_lib
-from keras_kfac import distributed, linalg, quadratic, tridiagonal
+from keras_kfac.blocks.base import BlockOptions
+from keras_kfac.discovery import discover_blocks, input_spec_of
+from keras_kfac.inversion import INVERSIONS, all_finite
 
 FISHER_TYPES = ("sampled", "empirical")
-GRAFT_TYPES = (None, "adam", "sgd")
-_ADAM_BETA_2 = 0.999
-_ADAM_EPSILON = 1e-7
-
-
-def _check_number(name: str, value, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """Raises ValueError naming `name` unless low (<|<=) value (<|<=) high."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"`{name}` must be {kind}; received {name}={value!r}.")
-    bad_low = low is not None and (value <= low if low_open else value < low)
-    bad_high = high is not None and (value >= high if high_open else value > high)
-    if bad_low or bad_high:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}; received {name}={value!r}.")
+GRAFT_TYPES = tuple(graft.GRAFTS)
+DEFAULT_MAX_FACTOR_SIZE = 4096
 
 
 def _has_accelerator() -> bool:
@@ -56,15 +54,16 @@ class _Untracked:
 
     def __init__(self):
         self.blocks = []
+        self.others = []  # (layer, reason) of the layers left to the fallback optimizer
         self.block_keys = set()
-        self.factors = []
-        self.inverses = []  # per block: eigendecompositions (eigen) or damped inverses (factored)
         self.velocity = {}
-        self.graft_second_moment = {}
+        self.graft = None
         self.compiled = {}
         self.loss_scaler = None  # weakref to a LossScaleOptimizer wrapping the KFAC optimizer
         self.kl_clip_factor = None  # last step's KL-clip factor ν (a diagnostic, not saved)
         self.tridiagonal = None  # tridiagonal.TridiagonalState with approximation="block_tridiagonal"
+        self.input_spec = None  # inputs of the model, to find layers called in nested graphs
+        self.step = None  # what the update phase needs of the step in flight (see kfac_step)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -82,43 +81,46 @@ class KFAC(keras.optimizers.Optimizer):
         damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).
         stats_decay: upper bound of the moving-average weight ε_k = min(1 − 1/k, stats_decay).
         stats_every: update the factor statistics every this many steps.
-        inverse_every: recompute the eigendecompositions every this many steps.
+        inverse_every: recompute the blocks' damped inverses (eigendecompositions with
+            damping_mode="eigen", Cholesky inverses with "factored") every this many steps.
         fisher: "sampled" (targets drawn from the model's predictive distribution, the true
             Fisher) or "empirical" (the real labels).
         damping_mode: "eigen" solves (A ⊗ G + λI) U = V exactly through eigendecompositions
             (four small products per block and step); "factored" applies the inverse of
             (A + π√λ I) ⊗ (G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G)), stored as two
             explicit inverses computed by Cholesky at each inversion (two products per step; a
-            damping schedule takes effect at the inversions).
-        kl_clip: if set, U is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))).
+            damping schedule takes effect at the inversions).  See `keras_kfac.inversion`.
+        kl_clip: if set, the step is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))) (with an
+            automatic α, by the same bound with α as lr).
         adapt_damping: Levenberg–Marquardt damping: every `damping_every` steps λ is multiplied
             by ω = (19/20)^damping_every if ρ > 3/4 and divided by it if ρ < 1/4 (see
             `keras_kfac.damping`), then clipped to [min_damping, max_damping].
         damping_every: steps between two damping adaptations.
         adapt_every: with learning_rate=None and/or momentum=None, steps between two choices of
             α, μ (each costs two F·v products); the last choice is reused in between, with
-            α ≥ 0 and 0 ≤ μ ≤ 0.99 (a μ above 1 repeated over several steps makes the step grow
-            geometrically; the choosing step itself applies the 2×2 solution as it is).
+            α ≥ 0 and 0 ≤ μ ≤ 0.99.
         min_damping, max_damping: bounds of the adapted λ.
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
             of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
-        stats_batch_size: compute the statistics from the first k examples of each batch
-            (with the sampled Fisher, through a forward and backward pass of those k
-            examples alone on statistics steps, unless the model has moving statistics such
-            as BatchNormalization's, which a second forward pass would update twice).
+        stats_batch_size: compute the statistics from a forward and backward pass of the first
+            k examples of each batch alone, on statistics steps (None: from the whole batch).
         stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
             output locations per example (None: all of them); G always uses all.
-        fallback: Keras optimizer (instance, name or config) for variables without a block;
-            default SGD with this optimizer's learning rate and momentum.
+        fallback: Keras optimizer (instance, name or config) for variables without a block.
+            Default: Adam at this optimizer's learning rate with graft="adam", else SGD with
+            its learning rate and momentum; either gets this optimizer's weight decay (and
+            `exclude_from_weight_decay`) and gradient accumulation.  Clipping applies to all
+            raw gradients together before either optimizer sees them.
+        exclude: layers kept out of K-FAC (trained by the fallback): a layer name, a list of
+            names, or a callable taking a layer and returning True to exclude it.
+        max_factor_size: a factor side larger than this keeps only its diagonal (None: no limit).
         inverse_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
         inverse_dtype: dtype of the eigendecompositions/inverses, "float32" or "float64".
-        statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU, where XLA's patch extraction
-            is about 3x slower), True or False.
+        statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
         seed: integer mixed with the step counter to seed the sampled targets.
         approximation: "block_diagonal" (one block per layer) or "block_tridiagonal": chains of
-            Dense layers also keep the cross-layer factors of consecutive layers and apply
-            F̂⁻¹ = Ξᵀ Λ Ξ (Martens & Grosse 2015, section 4.3; see `keras_kfac.tridiagonal`);
-            needs damping_mode="factored".  Other layers stay block-diagonal.
+            Dense layers also keep the cross-layer factors of consecutive layers (Martens &
+            Grosse 2015, section 4.3; see `keras_kfac.tridiagonal`); needs damping_mode="factored".
         distribute_inverses: under a tf.distribute strategy, each block is inverted by one
             replica and shared (True), or every replica inverts every block (False).
         **kwargs: the usual Keras optimizer arguments (weight_decay, clipnorm, ...).
@@ -150,7 +152,9 @@ class KFAC(keras.optimizers.Optimizer):
         adapt_every=1,
         min_damping=1e-8,
         max_damping=1e8,
-        name="kfac",
+        exclude=None,
+        max_factor_size=DEFAULT_MAX_FACTOR_SIZE,
+        name=None,
         **kwargs,
     ):
         auto_learning_rate, auto_momentum = learning_rate is None, momentum is None
@@ -159,62 +163,54 @@ class KFAC(keras.optimizers.Optimizer):
         if auto_momentum:
             momentum = 0.0
         if not isinstance(learning_rate, LearningRateSchedule) and not callable(learning_rate):
-            _check_number("learning_rate", learning_rate, low=0.0)
+            args.check_number("learning_rate", learning_rate, low=0.0)
             learning_rate = float(learning_rate)
         if not isinstance(damping, LearningRateSchedule):
-            _check_number("damping", damping, low=0.0, low_open=True)
+            args.check_number("damping", damping, low=0.0, low_open=True)
             damping = float(damping)
-        _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        _check_number("stats_decay", stats_decay, low=0.0, high=1.0, high_open=True)
-        _check_number("stats_every", stats_every, low=1, integer=True)
-        _check_number("inverse_every", inverse_every, low=1, integer=True)
-        if fisher not in FISHER_TYPES:
-            raise ValueError(f"`fisher` must be one of {FISHER_TYPES}; received fisher={fisher!r}.")
-        if damping_mode not in linalg.DAMPING_MODES:
-            raise ValueError(
-                f"`damping_mode` must be one of {linalg.DAMPING_MODES}; received damping_mode={damping_mode!r}."
-            )
+        args.check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+        args.check_number("stats_decay", stats_decay, low=0.0, high=1.0, high_open=True)
+        args.check_number("stats_every", stats_every, low=1, integer=True)
+        args.check_number("inverse_every", inverse_every, low=1, integer=True)
+        args.check_choice("fisher", fisher, FISHER_TYPES)
+        args.check_choice("damping_mode", damping_mode, tuple(INVERSIONS))
         if kl_clip is not None:
-            _check_number("kl_clip", kl_clip, low=0.0, low_open=True)
-        if not isinstance(adapt_damping, bool):
-            raise ValueError(f"`adapt_damping` must be True or False; received adapt_damping={adapt_damping!r}.")
+            args.check_number("kl_clip", kl_clip, low=0.0, low_open=True)
+        args.check_bool("adapt_damping", adapt_damping)
         if adapt_damping and isinstance(damping, LearningRateSchedule):
             raise ValueError("`adapt_damping=True` adapts a float `damping`; a damping schedule cannot be adapted.")
-        _check_number("damping_every", damping_every, low=1, integer=True)
-        _check_number("adapt_every", adapt_every, low=1, integer=True)
-        _check_number("min_damping", min_damping, low=0.0, low_open=True)
-        _check_number("max_damping", max_damping, low=0.0, low_open=True)
+        args.check_number("damping_every", damping_every, low=1, integer=True)
+        args.check_number("adapt_every", adapt_every, low=1, integer=True)
+        args.check_number("min_damping", min_damping, low=0.0, low_open=True)
+        args.check_number("max_damping", max_damping, low=0.0, low_open=True)
         if min_damping > max_damping:
             raise ValueError(f"`min_damping` ({min_damping}) must not exceed `max_damping` ({max_damping}).")
-        if graft not in GRAFT_TYPES:
-            raise ValueError(f"`graft` must be one of {GRAFT_TYPES}; received graft={graft!r}.")
+        args.check_choice("graft", graft, GRAFT_TYPES)
         if stats_batch_size is not None:
-            _check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
+            args.check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
         if stats_locations is not None:
-            _check_number("stats_locations", stats_locations, low=1, integer=True)
-        if inverse_jit not in ("auto", True, False):
-            raise ValueError(f"`inverse_jit` must be 'auto', True or False; received inverse_jit={inverse_jit!r}.")
-        if statistics_jit not in ("auto", True, False):
-            raise ValueError(
-                f"`statistics_jit` must be 'auto', True or False; received statistics_jit={statistics_jit!r}."
-            )
-        if inverse_dtype not in ("float32", "float64"):
-            raise ValueError(f"`inverse_dtype` must be 'float32' or 'float64'; received {inverse_dtype!r}.")
+            args.check_number("stats_locations", stats_locations, low=1, integer=True)
+        args.check_choice("inverse_jit", inverse_jit, ("auto", True, False))
+        args.check_choice("statistics_jit", statistics_jit, ("auto", True, False))
+        args.check_choice("inverse_dtype", inverse_dtype, ("float32", "float64"))
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer; received seed={seed!r}.")
-        if approximation not in tridiagonal.APPROXIMATIONS:
-            raise ValueError(
-                f"`approximation` must be one of {tridiagonal.APPROXIMATIONS}; "
-                f"received approximation={approximation!r}."
-            )
+        args.check_choice("approximation", approximation, tridiagonal.APPROXIMATIONS)
         if approximation == "block_tridiagonal" and damping_mode != "factored":
             raise ValueError(
                 "`approximation='block_tridiagonal'` needs `damping_mode='factored'` (the damped diagonal "
                 f"blocks must be Kronecker products); received damping_mode={damping_mode!r}."
             )
-        if not isinstance(distribute_inverses, bool):
+        args.check_bool("distribute_inverses", distribute_inverses)
+        args.check_fallback(fallback)
+        args.check_exclude(exclude)
+        if max_factor_size is not None:
+            args.check_number("max_factor_size", max_factor_size, low=1, integer=True)
+        uses_quadratic = auto_learning_rate or auto_momentum or adapt_damping
+        if uses_quadratic and kwargs.get("gradient_accumulation_steps"):
             raise ValueError(
-                f"`distribute_inverses` must be True or False; received distribute_inverses={distribute_inverses!r}."
+                "learning_rate=None, momentum=None and adapt_damping=True do not support "
+                "`gradient_accumulation_steps` (the quadratic model is of one batch)."
             )
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
@@ -231,6 +227,8 @@ class KFAC(keras.optimizers.Optimizer):
         self.stats_batch_size = stats_batch_size
         self.stats_locations = stats_locations
         self.fallback = fallback
+        self.exclude = exclude
+        self.max_factor_size = max_factor_size
         self.inverse_jit = inverse_jit
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
@@ -246,25 +244,41 @@ class KFAC(keras.optimizers.Optimizer):
         else:
             with keras.name_scope(self.name, caller=self):
                 self._damping = keras.Variable(damping, name="damping", dtype="float32", trainable=False)
-            self._track_variable(self._damping)
+            _private.track_variable(self, self._damping)
         self._model_ref = None
         self._state = _Untracked()
         self._fallback_optimizer = None
         self._kfac_active = False
-        self._directions_given = False
 
     @property
     def uses_quadratic(self) -> bool:
         """True when steps need the quadratic model (automatic α/μ or adaptive damping)."""
         return self.auto_learning_rate or self.auto_momentum or self.adapt_damping
 
+    @property
+    def block_options(self) -> BlockOptions:
+        return BlockOptions(
+            damping_mode=self.damping_mode,
+            max_factor_size=self.max_factor_size,
+            stats_locations=self.stats_locations,
+            inverse_dtype=self.inverse_dtype,
+        )
+
     # ----------------------------------------------------------------------------- setup
-    def attach_model(self, model) -> None:
-        """Called by `keras_kfac.Model.compile`: where `build` finds the layers' blocks."""
+    def attach_model(self, model, input_spec=None) -> None:
+        """Called by `keras_kfac.Model.compile` (and its first train step, with the inputs'
+        spec): where `build` finds the layers' blocks."""
         self._model_ref = weakref.ref(model)
+        if input_spec is not None:
+            self._state.input_spec = input_spec
         outer = getattr(model, "optimizer", None)
         wrapped = outer is not self and getattr(outer, "inner_optimizer", None) is self
         self._state.loss_scaler = weakref.ref(outer) if wrapped else None
+
+    def _attached_model(self):
+        # Not a property: Keras' saving walks the optimizer's attributes and would recurse
+        # into the model (whose optimizer is this one).
+        return self._model_ref() if self._model_ref is not None else None
 
     @property
     def loss_scaler(self):
@@ -274,11 +288,17 @@ class KFAC(keras.optimizers.Optimizer):
 
     @property
     def blocks(self) -> list:
+        """The curvature blocks (each with its `layer` and its `variables`), once built."""
         return self._state.blocks
 
+    @property
+    def fallback_layers(self) -> list:
+        """(layer, reason) for every layer with trainable weights that has no block."""
+        return self._state.others
+
     def factors(self) -> dict:
-        """{layer name: (A, G)} moving-average factor variables."""
-        return {b.name: f for b, f in zip(self._state.blocks, self._state.factors)}
+        """{layer name: (A, G)} moving-average factor variables (a diagonal factor is a vector)."""
+        return {b.name: tuple(b.statistics_variables) for b in self._state.blocks}
 
     @property
     def damping(self):
@@ -303,15 +323,19 @@ class KFAC(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(variables)
-        from keras_kfac.model import discover_blocks  # model.py imports this module
-
-        model = self._model_ref() if self._model_ref is not None else None
-        keys = {self._var_key(v) for v in variables}
-        blocks = []
-        if model is not None:
-            blocks = [b for b in discover_blocks(model)[0] if all(self._var_key(v) in keys for v in b.variables)]
         state = self._state
-        state.blocks = blocks
+        model = self._attached_model()
+        keys = {self._var_key(v) for v in variables}
+        blocks, others = [], []
+        if model is not None:
+            spec = state.input_spec if state.input_spec is not None else input_spec_of(model)
+            found, others = discover_blocks(model, self.block_options, self.exclude, spec)
+            for block in found:
+                if all(self._var_key(v) in keys for v in block.variables):
+                    blocks.append(block)
+                else:
+                    others.append((block.layer, "variables not given to the optimizer"))
+        state.blocks, state.others = blocks, others
         state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
         self._stats_updates = self.add_variable((), initializer="zeros", dtype="int64", name="stats_updates")
         self._skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_steps")
@@ -323,34 +347,11 @@ class KFAC(keras.optimizers.Optimizer):
             with keras.name_scope(self.name, caller=self):
                 state.kl_clip_factor = keras.Variable(1.0, dtype="float32", trainable=False, name="kl_clip_factor")
         for block in blocks:
-            prefix = block.name
-            a = self.add_variable((block.dim_a, block.dim_a), "zeros", "float32", name=f"{prefix}_factor_a")
-            g = self.add_variable((block.dim_g, block.dim_g), "zeros", "float32", name=f"{prefix}_factor_g")
-            state.factors.append((a, g))
-            if self.damping_mode == "eigen":
-                state.inverses.append(
-                    (
-                        self.add_variable((block.dim_a,), "zeros", "float32", name=f"{prefix}_eigenvalues_a"),
-                        self.add_variable(
-                            (block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_eigenvectors_a"
-                        ),
-                        self.add_variable((block.dim_g,), "zeros", "float32", name=f"{prefix}_eigenvalues_g"),
-                        self.add_variable(
-                            (block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_eigenvectors_g"
-                        ),
-                    )
-                )
-            else:
-                state.inverses.append(
-                    (
-                        self.add_variable(
-                            (block.dim_a, block.dim_a), "identity", "float32", name=f"{prefix}_inverse_a"
-                        ),
-                        self.add_variable(
-                            (block.dim_g, block.dim_g), "identity", "float32", name=f"{prefix}_inverse_g"
-                        ),
-                    )
-                )
+
+            def add(shape, initializer, name, prefix=block.name):
+                return self.add_variable(tuple(shape), initializer, "float32", name=f"{prefix}_{name}")
+
+            block.build(add)
         if self.approximation == "block_tridiagonal":
             if tf.distribute.has_strategy():
                 raise NotImplementedError(
@@ -364,27 +365,36 @@ class KFAC(keras.optimizers.Optimizer):
         if self.momentum > 0 or self.auto_momentum:
             for v in block_vars:
                 state.velocity[self._var_key(v)] = self.add_variable_from_reference(v, "velocity")
-        if self.graft == "adam":
-            for v in block_vars:
-                state.graft_second_moment[self._var_key(v)] = self.add_variable_from_reference(v, "graft_v")
+        if self.graft is not None:
+            state.graft = graft.GRAFTS[self.graft]()
+            state.graft.build(self.add_variable_from_reference, block_vars)
         other_vars = [v for v in variables if self._var_key(v) not in state.block_keys]
         if other_vars:
-            self._fallback_optimizer = self._make_fallback()
+            self._fallback_optimizer = self._make_fallback(other_vars)
             self._fallback_optimizer.build(other_vars)
             for v in self._fallback_optimizer.variables:
-                self._track_variable(v)
+                _private.track_variable(self, v)
 
-    def _make_fallback(self):
-        if self.fallback is None:
-            return keras.optimizers.SGD(
-                learning_rate=lambda: self.learning_rate,
-                momentum=self.momentum,  # 0 with momentum=None
-                weight_decay=self.weight_decay,
-                name=f"{self.name}_fallback",
-            )
+    def _make_fallback(self, variables):
+        """The optimizer of the variables without a block (see the `fallback` argument)."""
         if isinstance(self.fallback, keras.optimizers.Optimizer):
             return self.fallback
-        return keras.optimizers.get(self.fallback)
+        if self.fallback is not None:
+            return keras.optimizers.get(copy.deepcopy(self.fallback))
+        shared = dict(
+            learning_rate=lambda: self.learning_rate,
+            weight_decay=self.weight_decay,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            name=f"{self.name}_fallback",
+        )
+        if self.graft == "adam":
+            fallback = keras.optimizers.Adam(beta_1=0.9, beta_2=graft.ADAM_BETA_2, epsilon=graft.ADAM_EPSILON, **shared)
+        else:
+            fallback = keras.optimizers.SGD(momentum=self.momentum, **shared)  # 0 with momentum=None
+        if self.weight_decay:
+            kept = [v for v in variables if not _private.uses_weight_decay(self, v)]
+            fallback.exclude_from_weight_decay(var_list=kept)
+        return fallback
 
     @property
     def fallback_optimizer(self):
@@ -472,198 +482,192 @@ class KFAC(keras.optimizers.Optimizer):
         seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(self.iterations, tf.int64)])
         return distributed.replica_seed(seed)
 
-    def _update_statistics(self, inputs, preact_grads, num_examples):
-        """Moving-average update of every factor; returns False (and changes nothing) if the
-        batch estimates are not finite."""
-        if self.stats_batch_size is not None:
-            k = self.stats_batch_size
-            inputs = [[x[:k] for x in per_block] for per_block in inputs]
-            preact_grads = [[g[:k] for g in per_block] for per_block in preact_grads]
-            num_examples = tf.minimum(num_examples, k)
-        batch, ok = [], tf.constant(True)
-        # Location subsets use their own stream: the sampled targets use fold_in(seed, output).
-        seed = tf.random.experimental.stateless_fold_in(self.sampling_seed(), 1_000_003)
-        for index, (block, xs, gs) in enumerate(zip(self.blocks, inputs, preact_grads)):
-            if not xs:
-                batch.append(None)
-                continue
-            factor_a, factor_g = block.factors(
-                xs, gs, num_examples, self.stats_locations, tf.random.experimental.stateless_fold_in(seed, index)
-            )
-            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_a)))
-            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(factor_g)))
-            batch.append((factor_a, factor_g))
-        batch, ok = distributed.reduce_statistics(batch, ok)  # replica average under a strategy
-        if self._state.tridiagonal is not None:
-            cross_batch, cross_ok = self._state.tridiagonal.batch_statistics(
-                self.blocks, inputs, preact_grads, num_examples
-            )
-            ok = tf.logical_and(ok, cross_ok)
-
-        def assign():
-            count = self._stats_updates + 1
-            k = tf.cast(count, tf.float32)
-            decay = tf.minimum(1.0 - 1.0 / k, self.stats_decay)
-            for (a, g), new in zip(self._state.factors, batch):
-                if new is None:
-                    continue
-                a.assign(decay * a + (1.0 - decay) * new[0])
-                g.assign(decay * g + (1.0 - decay) * new[1])
-            if self._state.tridiagonal is not None:
-                self._state.tridiagonal.assign_statistics(decay, cross_batch)
-            self._stats_updates.assign(count)
-            return tf.constant(True)
-
-        return tf.cond(ok, assign, lambda: tf.constant(False))
-
-    def _update_inverses(self):
-        dtype = tf.as_dtype(self.inverse_dtype)
-        damping = self.damping
-        for (a, g), state in zip(self._state.factors, self._state.inverses):
-            if self.damping_mode == "eigen":
-                for factor, eigenvalues, eigenvectors in ((a, *state[:2]), (g, *state[2:])):
-                    values, vectors = linalg.symmetric_eigh(factor, dtype)
-                    eigenvalues.assign(values)
-                    eigenvectors.assign(vectors)
-            else:
-                inv_a, inv_g = state
-                new_a, new_g, ok = linalg.factored_inverses(a, g, damping, dtype)
-                # A failed factorization keeps the previous inverses rather than ending training.
-                inv_a.assign(tf.where(ok, new_a, inv_a))
-                inv_g.assign(tf.where(ok, new_g, inv_g))
-        if self._state.tridiagonal is not None:  # after the inverses of the blocks it reads
-            self._state.tridiagonal.update_inverses(self._state.factors, self._state.inverses, damping, dtype)
-        return tf.constant(True)
-
-    def update_inverses(self):
-        """Recomputes every eigendecomposition (or damped inverse) now; also usable outside `fit`."""
-        return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
-
     # ---------------------------------------------------------------------- the step
     def kfac_step(self, grads, variables, loss, statistics_fn, batch=None):
-        """One K-FAC step, called from `keras_kfac.Model.train_step`.
+        """One K-FAC step, called from `keras_kfac.Model.train_step`; returns whether it applied.
 
-        `statistics_fn()` returns (inputs, preact_grads, num_examples): per block, the recorded
-        layer inputs and the matching per-example pre-activation gradients, and the number of
-        examples they come from (it runs only on statistics steps).
-        A step whose loss, gradients or statistics are not finite changes nothing but the
-        `skipped_steps` counter.  `batch` (a `quadratic.BatchQuadratic`) is needed when
-        `uses_quadratic`: see `_quadratic_apply`.
+        `statistics_fn()` returns (inputs, target_grads, num_examples): per block, the recorded
+        layer inputs and the matching per-example output gradients, and the number of examples
+        they come from (it runs only on statistics steps).  A step whose loss, gradients or
+        statistics are not finite changes nothing but the `skipped_steps` counter.  `batch`
+        (a `quadratic.BatchQuadratic`) is needed when `uses_quadratic`.
         """
-        if distributed.replicated():
-            if self.uses_quadratic:
-                raise NotImplementedError(
-                    "learning_rate=None, momentum=None and adapt_damping=True are not supported under a "
-                    "tf.distribute strategy yet; give learning_rate and momentum and keep adapt_damping=False there."
-                )
-            return distributed.kfac_step(self, grads, variables, loss, statistics_fn)
-        finite = tf.reduce_all(tf.math.is_finite(tf.cast(loss, tf.float32)))
-        for g in grads:
-            if g is not None:
-                finite = tf.logical_and(finite, tf.reduce_all(tf.math.is_finite(g)))
-        update_stats = self._function("statistics", self._update_statistics, jit=self.statistics_in_xla)
+        reducer = distributed.reducer(self.distribute_inverses)
+        if reducer.replicated and self.uses_quadratic:
+            raise NotImplementedError(
+                "learning_rate=None, momentum=None and adapt_damping=True are not supported under a "
+                "tf.distribute strategy yet; give learning_rate and momentum and keep adapt_damping=False there."
+            )
+        if self.uses_quadratic and batch is None:
+            raise ValueError("KFAC with learning_rate=None, momentum=None or adapt_damping needs the batch's model.")
+        finite = reducer.all_true(all_finite([tf.cast(loss, tf.float32)] + [g for g in grads if g is not None]))
 
-        def collect():
-            return update_stats(*statistics_fn())
+        def statistics():
+            return self._statistics_phase(statistics_fn, reducer)
 
-        stats_ok = tf.cond(tf.logical_and(finite, self.due(self.stats_every)), collect, lambda: tf.constant(True))
+        stats_ok = tf.cond(tf.logical_and(finite, self.due(self.stats_every)), statistics, lambda: tf.constant(True))
         ok = tf.logical_and(finite, stats_ok)
-        tf.cond(tf.logical_and(ok, self.due(self.inverse_every)), self.update_inverses, lambda: tf.constant(False))
+
+        def inverses():
+            return self._inverse_phase(reducer)
+
+        tf.cond(tf.logical_and(ok, self.due(self.inverse_every)), inverses, lambda: tf.constant(False))
 
         present = tuple(i for i, g in enumerate(grads) if g is not None)
-        present_grads = [grads[i] for i in present]
         present_vars = [variables[i] for i in present]
+        adapt_due = self.due(self.damping_every) if self.adapt_damping else None
 
-        def apply_fn(gs):
+        def apply(gs):
             self._kfac_active = True
+            if self.uses_quadratic:
+                self._state.step = {"loss": loss, "batch": batch, "adapt_due": adapt_due}
             try:
-                self.apply(gs, present_vars)
+                self.apply(list(gs), present_vars)
+                if self.adapt_damping:
+                    self._adapt_damping_phase()
             finally:
                 self._kfac_active = False
+                self._state.step = None
             return tf.constant(True)
 
-        apply_compiled = self._function(("apply", present, len(variables)), apply_fn, jit=True)
+        if not (reducer.replicated or self.uses_quadratic):
+            apply = self._function(("apply", present, len(variables)), apply, jit=True)
 
         def skip():
             self._skipped_steps.assign_add(1)
             return tf.constant(False)
 
-        if self.uses_quadratic:
-            if batch is None:
-                raise ValueError(
-                    "KFAC with learning_rate=None, momentum=None or adapt_damping needs the batch's model."
-                )
-            return tf.cond(ok, lambda: self._quadratic_apply(present_grads, present_vars, loss, batch, apply_fn), skip)
-        return tf.cond(ok, lambda: apply_compiled(present_grads), skip)
+        return reducer.apply_if(ok, apply, skip, [grads[i] for i in present])
 
-    def _quadratic_apply(self, grads, variables, loss, batch, apply_fn):
-        """Chooses α, μ on the quadratic model M over δ = αΔ + μδ₀ (Δ = −U, δ₀ the previous
-        step), applies δ, and on damping steps adapts λ from ρ = (h(θ+δ) − h(θ)) / M(δ)."""
-        if self.loss_scaler is not None or self.loss_scale_factor is not None:
-            raise ValueError("learning_rate=None, momentum=None and adapt_damping do not support loss scaling.")
-        directions = self.precondition(grads, variables, self.learning_rate)
-        delta = [-tf.cast(u, tf.float32) for u in directions]
-        previous = []
-        for v in variables:
-            velocity = self._state.velocity.get(self._var_key(v))
-            previous.append(tf.zeros(v.shape, tf.float32) if velocity is None else tf.cast(velocity.value, tf.float32))
-        g32 = [tf.cast(g, tf.float32) for g in grads]
+    # -- phase 1: statistics -------------------------------------------------------------
+    def _statistics_phase(self, statistics_fn, reducer):
+        inputs, target_grads, num_examples = statistics_fn()
+        if reducer.replicated:
+            return self._update_statistics(inputs, target_grads, num_examples, reducer)
+        update = self._function("statistics", self._update_statistics, jit=self.statistics_in_xla)
+        return update(inputs, target_grads, num_examples)
 
-        def dot(a, b):
-            return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
+    def _update_statistics(self, inputs, target_grads, num_examples, reducer=None):
+        """Moving-average update of every block's statistics; returns False (and changes
+        nothing) if the batch estimates are not finite."""
+        reducer = reducer or distributed.LocalReducer()
+        # Location subsets use their own stream: the sampled targets use fold_in(seed, output).
+        seed = tf.random.experimental.stateless_fold_in(self.sampling_seed(), 1_000_003)
+        batch = []
+        for index, (block, xs, gs) in enumerate(zip(self.blocks, inputs, target_grads)):
+            if not xs:
+                batch.append(None)
+                continue
+            block_seed = tf.random.experimental.stateless_fold_in(seed, index)
+            batch.append(block.batch_statistics(xs, gs, num_examples, block_seed))
+        flat = reducer.mean([t for estimates in batch if estimates is not None for t in estimates])
+        ok = all_finite(flat)
+        reduced, position = [], 0
+        for estimates in batch:
+            if estimates is None:
+                reduced.append(None)
+                continue
+            reduced.append(flat[position : position + len(estimates)])
+            position += len(estimates)
+        chains = self._state.tridiagonal
+        if chains is not None:
+            cross_batch, cross_ok = chains.batch_statistics(self.blocks, inputs, target_grads, num_examples)
+            ok = tf.logical_and(ok, cross_ok)
 
-        lam = tf.cast(self.damping, tf.float32)
-        b = tf.stack([dot(g32, delta), dot(g32, previous)])
-        plain = tf.stack(
+        def assign():
+            count = self._stats_updates + 1
+            decay = tf.minimum(1.0 - 1.0 / tf.cast(count, tf.float32), self.stats_decay)
+            for block, estimates in zip(self.blocks, reduced):
+                if estimates is not None:
+                    block.update_statistics(estimates, decay)
+            if chains is not None:
+                chains.assign_statistics(decay, cross_batch)
+            self._stats_updates.assign(count)
+            return tf.constant(True)
+
+        return tf.cond(ok, assign, lambda: tf.constant(False))
+
+    # -- phase 2: inverses ---------------------------------------------------------------
+    def _inverse_phase(self, reducer):
+        if reducer.replicated:
+            return self._update_inverses(reducer)
+        return self.update_inverses()
+
+    def _update_inverses(self, reducer=None):
+        reducer = reducer or distributed.LocalReducer()
+        damping = self.damping
+        reducer.update_inverses(self.blocks, damping)
+        if self._state.tridiagonal is not None:  # after the inverses of the blocks it reads
+            self._state.tridiagonal.update_inverses(self.blocks, damping, tf.as_dtype(self.inverse_dtype))
+        return tf.constant(True)
+
+    def update_inverses(self):
+        """Recomputes every block's damped inverse now; also usable outside `fit`."""
+        return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
+
+    # -- phases 3 and 4: directions, graft and KL clip -----------------------------------
+    def precondition(self, grads, variables, learning_rate) -> list:
+        """Maps gradients to K-FAC directions U (per variable; grafting and the KL clip
+        applied); variables without a block keep their gradient."""
+        by_key = {self._var_key(v): g for g, v in zip(grads, variables)}
+        directions = self._directions_phase(by_key)
+        directions = self._graft_phase(directions, by_key)
+        directions = self._kl_clip_phase(directions, by_key, learning_rate)
+        for block, parts in directions.items():
+            for v, part in zip(block.variables, parts):
+                by_key[self._var_key(v)] = part
+        return [tf.cast(by_key[self._var_key(v)], v.dtype) for v in variables]
+
+    def _directions_phase(self, by_key: dict) -> dict:
+        """{block: [U per variable]} for every block whose variables all have gradients."""
+        damping = self.damping
+        present = [b for b in self.blocks if all(self._var_key(v) in by_key for v in b.variables)]
+        grads = {b: [tf.cast(by_key[self._var_key(v)], tf.float32) for v in b.variables] for b in present}
+        chained = {}
+        if self._state.tridiagonal is not None:
+            index = {id(b): i for i, b in enumerate(self.blocks)}
+            matrices = {index[id(b)]: b.to_matrix(grads[b]) for b in present}
+            chained = self._state.tridiagonal.directions(matrices, self.blocks)
+            chained = {self.blocks[i]: self.blocks[i].from_matrix(u) for i, u in chained.items()}
+        return {b: chained[b] if b in chained else b.multiply_inverse(grads[b], damping) for b in present}
+
+    def _graft_phase(self, directions: dict, by_key: dict) -> dict:
+        rule = self._state.graft
+        if rule is None:
+            return directions
+        step = self.iterations + 1
+        out = {}
+        for block, direction in directions.items():
+            grads = [tf.cast(by_key[self._var_key(v)], tf.float32) for v in block.variables]
+            out[block] = graft.rescale(direction, rule.target_norm(block.variables, grads, step))
+        return out
+
+    def _kl_clip_phase(self, directions: dict, by_key: dict, learning_rate) -> dict:
+        if self.kl_clip is None or not directions:
+            return directions
+        nu = self.kl_clip_factor(directions, by_key, learning_rate)
+        return {b: [u * nu for u in d] for b, d in directions.items()}
+
+    def kl_clip_factor(self, directions: dict, by_key: dict, learning_rate) -> tf.Tensor:
+        """ν = min(1, sqrt(kl_clip / (lr² Σ U·∇))), stored for the logs."""
+        inner = tf.add_n(
             [
-                tf.stack([dot(delta, delta), dot(delta, previous)]),
-                tf.stack([dot(previous, delta), dot(previous, previous)]),
+                tf.reduce_sum(u * tf.cast(by_key[self._var_key(v)], tf.float32))
+                for b, d in directions.items()
+                for v, u in zip(b.variables, d)
             ]
         )
+        lr = tf.cast(learning_rate, tf.float32)
+        nu = tf.minimum(1.0, tf.sqrt(self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)))
+        if self._state.kl_clip_factor is not None:
+            self._state.kl_clip_factor.assign(nu)
+        return nu
 
-        def damped_gram():
-            return batch.gram([delta, previous]) + lam * plain
-
-        automatic = self.auto_learning_rate or self.auto_momentum
-        due = self.due(self.damping_every) if self.adapt_damping else tf.constant(False)
-        # The F·v products are paid only on the steps that choose α, μ or adapt λ; in between
-        # the last chosen α, μ are reused (adapt_every > 1).
-        choose = tf.logical_or(due, self.due(self.adapt_every)) if automatic else due
-        gram = tf.cond(choose, damped_gram, lambda: tf.zeros((2, 2), tf.float32))
-        alpha, mu = quadratic.solve_step(
-            gram,
-            b,
-            learning_rate=None if self.auto_learning_rate else self.learning_rate,
-            momentum=None if self.auto_momentum else self.momentum,
-        )
-        if automatic:
-            last_alpha = tf.cast(self.learning_rate, tf.float32)
-            last_mu = tf.cast(self._chosen_momentum if self.auto_momentum else self.momentum, tf.float32)
-            reused_alpha, reused_mu = quadratic.reusable_step(last_alpha, last_mu)
-            alpha = tf.where(choose, alpha, reused_alpha)
-            mu = tf.where(choose, mu, reused_mu)
-        if self.auto_learning_rate:
-            self.learning_rate.assign(alpha)
-        if self.auto_momentum:
-            self._chosen_momentum.assign(mu)
-        model_change = quadratic.quadratic_value(tf.stack([alpha, mu]), gram, b, lam)
-        self._directions_given = True
-        try:
-            apply_fn(directions)
-        finally:
-            self._directions_given = False
-        if self.adapt_damping:
-
-            def adapt():
-                rho = damping_lib.reduction_ratio(loss, batch.loss(), model_change)
-                self._rho.assign(rho)
-                new = damping_lib.lm_update(self._damping, rho, self.damping_every, self.min_damping, self.max_damping)
-                self._damping.assign(new)
-                return tf.constant(True)
-
-            # iterations already advanced by apply: adapt on the step that was due before it.
-            tf.cond(due, adapt, lambda: tf.constant(False))
-        return tf.constant(True)
+    # -- phase 5: the update -------------------------------------------------------------
+    def _clip_gradients(self, grads):
+        # Clipping is done once, on all raw gradients, in `apply` (before the fallback
+        # optimizer and the preconditioning see them), not again by Keras on the blocks' part.
+        return grads
 
     def apply(self, grads, trainable_variables=None):
         if not self._kfac_active:
@@ -675,97 +679,52 @@ class KFAC(keras.optimizers.Optimizer):
             )
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
+        grads = list(grads)
         scaler = self.loss_scaler
         if scaler is not None and scaler.built:  # undo the dynamic loss scale (mixed_float16)
             scale = tf.cast(scaler.dynamic_scale, tf.float32)
             grads = [None if g is None else g / tf.cast(scale, g.dtype) for g in grads]
+        if self.loss_scale_factor is not None:
+            grads = [None if g is None else g / self.loss_scale_factor for g in grads]
+        if self.uses_quadratic and self._state.step is not None:
+            self._state.step["raw_grads"] = {self._var_key(v): g for g, v in zip(grads, trainable_variables)}
+        grads = super()._clip_gradients(grads)
         pairs = list(zip(grads, trainable_variables))
         block_pairs = [(g, v) for g, v in pairs if self._var_key(v) in self._state.block_keys]
         other_pairs = [(g, v) for g, v in pairs if self._var_key(v) not in self._state.block_keys]
+        fallback_step = []
         if other_pairs:
-            other_grads = [g for g, _ in other_pairs]
-            if self.loss_scale_factor is not None:  # super().apply undoes it for the block variables only
-                other_grads = [g / self.loss_scale_factor for g in other_grads]
             # Before our own update: a learning-rate schedule sees the same step counter.
-            self._fallback_optimizer.apply(other_grads, [v for _, v in other_pairs])
-        if block_pairs:
-            super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
-        else:
-            self._iterations.assign_add(1)
+            other_vars = [v for _, v in other_pairs]
+            measure = self.uses_quadratic and self._state.step is not None
+            before = [tf.identity(v.value) for v in other_vars] if measure else None
+            self._fallback_optimizer.apply([g for g, _ in other_pairs], other_vars)
+            if measure:  # the quadratic model sees this step as fixed: measured, then undone for now
+                fallback_step = [(v, v.value - b) for v, b in zip(other_vars, before)]
+                for v, b in zip(other_vars, before):
+                    v.assign(b)
+                self._state.step["fallback_step"] = {self._var_key(v): s for v, s in fallback_step}
+        saved_factor = self.loss_scale_factor
+        self.loss_scale_factor = None  # already undone above
+        try:
+            if block_pairs:
+                super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
+            else:
+                self._iterations.assign_add(1)
+        finally:
+            self.loss_scale_factor = saved_factor
+        for v, s in fallback_step:
+            v.assign_add(s)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        if self._directions_given:  # _quadratic_apply already preconditioned them
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        if distributed.replicated():  # precondition the all-reduced gradients, then update as Keras does
-            pairs = self._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
-            directions = self.precondition([g for g, _ in pairs], trainable_variables, learning_rate)
-            pairs = [
-                (d, v.value if isinstance(v, keras.Variable) else v) for d, v in zip(directions, trainable_variables)
-            ]
-            tf.__internal__.distribute.interim.maybe_merge_call(
-                self._distributed_tf_update_step, self._distribution_strategy, pairs, learning_rate
-            )
-            return
-        directions = self.precondition(grads, trainable_variables, learning_rate)
-        super()._backend_update_step(directions, trainable_variables, learning_rate)
-
-    def precondition(self, grads, variables, learning_rate):
-        """Maps gradients to K-FAC directions U (block by block; KL clip and grafting applied)."""
-        by_key = {self._var_key(v): g for g, v in zip(grads, variables)}
-        damping = self.damping
-        present = {}  # block index -> (keys, float32 gradients, gradient matrix)
-        for index, block in enumerate(self.blocks):
-            keys = [self._var_key(v) for v in block.variables]
-            if all(k in by_key for k in keys):
-                block_grads = [tf.cast(by_key[k], tf.float32) for k in keys]
-                matrix = block.to_matrix(block_grads[0], block_grads[1] if len(keys) > 1 else None)
-                present[index] = (keys, block_grads, matrix)
-        chained = {}  # block index -> its slice of F̂⁻¹∇ (approximation="block_tridiagonal")
-        if self._state.tridiagonal is not None:
-            matrices = {i: p[2] for i, p in present.items()}
-            chained = self._state.tridiagonal.directions(matrices, self._state.inverses)
-        results = []
-        for index, (block, inverse) in enumerate(zip(self.blocks, self._state.inverses)):
-            if index not in present:
-                continue
-            keys, block_grads, matrix = present[index]
-            if index in chained:
-                direction = chained[index]
-            elif self.damping_mode == "eigen":
-                direction = linalg.precondition(matrix, *inverse, damping, "eigen")
-            else:
-                direction = tf.matmul(tf.matmul(inverse[0], matrix), inverse[1])
-            if self.graft is not None:
-                target = self._graft_norm(block.variables, block_grads)
-                norm = tf.norm(direction)
-                direction = direction * tf.where(norm > 0, target / tf.where(norm > 0, norm, 1.0), 0.0)
-            results.append((block, keys, matrix, direction))
-        if self.kl_clip is not None and results:
-            lr = tf.cast(learning_rate, tf.float32)
-            inner = tf.add_n([tf.reduce_sum(u * v) for _, _, v, u in results])
-            ratio = self.kl_clip / tf.maximum(lr * lr * inner, 1e-30)
-            nu = tf.minimum(1.0, tf.sqrt(ratio))
-            if self._state.kl_clip_factor is not None:
-                self._state.kl_clip_factor.assign(nu)
-            results = [(b, k, v, u * nu) for b, k, v, u in results]
-        for block, keys, _, direction in results:
-            for key, part in zip(keys, block.from_matrix(direction)):
-                by_key[key] = part
-        return [tf.cast(by_key[self._var_key(v)], v.dtype) for v in variables]
-
-    def _graft_norm(self, variables, grads):
-        """Norm of the first-order direction the block is grafted to."""
-        if self.graft == "sgd":
-            return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(g)) for g in grads]))
-        step = tf.cast(self.iterations + 1, tf.float32)
-        correction = 1.0 - tf.pow(_ADAM_BETA_2, step)
-        total = []
-        for v, g in zip(variables, grads):
-            second = self._state.graft_second_moment[self._var_key(v)]
-            second.assign(_ADAM_BETA_2 * second + (1.0 - _ADAM_BETA_2) * tf.square(g))
-            adam = g / (tf.sqrt(second / correction) + _ADAM_EPSILON)
-            total.append(tf.reduce_sum(tf.square(adam)))
-        return tf.sqrt(tf.add_n(total))
+        values = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]
+        pairs = _private.all_reduce_sum_gradients(self, list(zip(grads, values)))
+        reduced = [g for g, _ in pairs]
+        if self.uses_quadratic and self._state.step is not None:
+            directions, learning_rate = self._quadratic_phase(reduced, trainable_variables)
+        else:
+            directions = self.precondition(reduced, trainable_variables, learning_rate)
+        _private.distributed_update(self, list(zip(directions, [v for _, v in pairs])), learning_rate)
 
     def update_step(self, gradient, variable, learning_rate):
         """Heavy-ball step on one variable; `gradient` is already the K-FAC direction U."""
@@ -778,15 +737,97 @@ class KFAC(keras.optimizers.Optimizer):
         self.assign(velocity, tf.cast(momentum, variable.dtype) * velocity - lr * gradient)
         self.assign_add(variable, velocity)
 
+    # -- the quadratic model (learning_rate=None, momentum=None, adapt_damping) ---------
+    def _quadratic_phase(self, grads, variables):
+        """Directions, then α, μ chosen on the quadratic model M over the step actually taken,
+        δ = αΔ + μδ₀ + δ_f (Δ = −U on the blocks' variables, δ₀ their previous step, δ_f the
+        fallback optimizer's step on the others, fixed).  Returns (directions, α)."""
+        step = self._state.step
+        batch = step["batch"]
+        directions = self.precondition(grads, variables, self.learning_rate)
+        raw = step["raw_grads"]
+        fallback = step.get("fallback_step", {})
+        by_key = {self._var_key(v): tf.cast(d, tf.float32) for v, d in zip(variables, directions)}
+        model_vars = batch.variables
+
+        def over_model(values: dict) -> list:
+            return [values.get(self._var_key(v), tf.zeros(v.shape, tf.float32)) for v in model_vars]
+
+        delta = over_model({k: -d for k, d in by_key.items()})
+        previous = over_model({k: tf.cast(vel.value, tf.float32) for k, vel in self._state.velocity.items()})
+        tangents = [delta, previous]
+        if fallback:
+            tangents.append(over_model({k: tf.cast(s, tf.float32) for k, s in fallback.items()}))
+        gradient = over_model({k: tf.cast(g, tf.float32) for k, g in raw.items() if g is not None})
+
+        def dot(a, b):
+            return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(a, b)])
+
+        n = len(tangents)
+        lam = tf.cast(self.damping, tf.float32)
+        b = tf.stack([dot(gradient, t) for t in tangents])
+        plain = tf.stack([tf.stack([dot(tangents[i], tangents[j]) for j in range(n)]) for i in range(n)])
+
+        automatic = self.auto_learning_rate or self.auto_momentum
+        due = step["adapt_due"] if self.adapt_damping else tf.constant(False)
+        # The F·v products are paid only on the steps that choose α, μ or adapt λ; in between
+        # the last chosen α, μ are reused (adapt_every > 1).
+        choose = tf.logical_or(due, self.due(self.adapt_every)) if automatic else due
+        gram = tf.cond(choose, lambda: batch.gram(tangents) + lam * plain, lambda: tf.zeros((n, n), tf.float32))
+        # With the fallback's fixed step, M(α, μ) has the linear term b + C[:2, 2].
+        linear = b[:2] + (gram[:2, 2] if fallback else 0.0)
+        alpha, mu = quadratic.solve_step(
+            gram[:2, :2],
+            linear,
+            learning_rate=None if self.auto_learning_rate else self.learning_rate,
+            momentum=None if self.auto_momentum else self.momentum,
+        )
+        if automatic:
+            last_alpha = tf.cast(self.learning_rate, tf.float32)
+            last_mu = tf.cast(self._chosen_momentum if self.auto_momentum else self.momentum, tf.float32)
+            reused_alpha, reused_mu = quadratic.reusable_step(last_alpha, last_mu)
+            alpha = tf.where(choose, alpha, reused_alpha)
+            mu = tf.where(choose, mu, reused_mu)
+        if self.kl_clip is not None and self.auto_learning_rate:
+            # The KL bound on the chosen step (with a fixed lr it already scaled U).
+            blocks = {blk: [by_key[self._var_key(v)] for v in blk.variables] for blk in self.blocks}
+            blocks = {blk: d for blk, d in blocks.items() if all(self._var_key(v) in by_key for v in blk.variables)}
+            nu = self.kl_clip_factor(blocks, raw, alpha)
+            alpha, mu = alpha * nu, mu * nu
+        if self.auto_learning_rate:
+            self.learning_rate.assign(alpha)
+        if self.auto_momentum:
+            self._chosen_momentum.assign(mu)
+        coefficients = [alpha, mu] + ([tf.constant(1.0)] if fallback else [])
+        step["model_change"] = quadratic.quadratic_value(tf.stack(coefficients), gram, b, lam)
+        return directions, alpha if self.auto_learning_rate else self.learning_rate
+
+    def _adapt_damping_phase(self) -> None:
+        """Levenberg–Marquardt: on damping steps, λ from ρ = (h(θ+δ) − h(θ)) / M(δ)."""
+        step = self._state.step
+
+        def adapt():
+            rho = damping_lib.reduction_ratio(step["loss"], step["batch"].loss(), step["model_change"])
+            self._rho.assign(rho)
+            self._damping.assign(
+                damping_lib.lm_update(self._damping, rho, self.damping_every, self.min_damping, self.max_damping)
+            )
+            return tf.constant(True)
+
+        tf.cond(step["adapt_due"], adapt, lambda: tf.constant(False))
+
     # ------------------------------------------------------------------- saving
     def _variable_owner(self, variable) -> str:
         """'layer NAME' for the state of a block's layer, else the variable's path."""
         state = self._state
-        for block, factors, inverses in zip(state.blocks, state.factors, state.inverses):
-            owned = list(factors) + list(inverses)
+        for block in state.blocks:
+            owned = list(block.state_variables)
             for v in block.variables:
                 key = self._var_key(v)
-                owned += [t[key] for t in (state.velocity, state.graft_second_moment) if key in t]
+                if key in state.velocity:
+                    owned.append(state.velocity[key])
+                if isinstance(state.graft, graft.AdamGraft) and key in state.graft.second_moments:
+                    owned.append(state.graft.second_moments[key])
             if any(v is variable for v in owned):
                 return f"layer '{block.name}'"
         return f"'{variable.path}'"
@@ -795,7 +836,7 @@ class KFAC(keras.optimizers.Optimizer):
         """Restores the state saved by `save_own_variables` (`.keras`, `.weights.h5`,
         BackupAndRestore); a state saved for other layers or settings raises a ValueError
         naming the first layer that does not match (Keras would only warn and skip it)."""
-        model = self._model_ref() if self._model_ref is not None else None
+        model = self._attached_model()
         if not self.built and model is not None and model.built:
             self.build(model.trainable_variables)  # so that load_weights right after compile restores the state
         if not self.built:
@@ -827,6 +868,11 @@ class KFAC(keras.optimizers.Optimizer):
         fallback = self.fallback
         if isinstance(fallback, keras.optimizers.Optimizer):
             fallback = keras.optimizers.serialize(fallback)
+        exclude = self.exclude
+        if callable(exclude):
+            exclude = keras.saving.serialize_keras_object(exclude)
+        elif isinstance(exclude, (tuple, set, frozenset)):
+            exclude = sorted(exclude)
         config.update(
             {
                 "momentum": self.momentum,
@@ -842,6 +888,8 @@ class KFAC(keras.optimizers.Optimizer):
                 "stats_batch_size": self.stats_batch_size,
                 "stats_locations": self.stats_locations,
                 "fallback": fallback,
+                "exclude": exclude,
+                "max_factor_size": self.max_factor_size,
                 "inverse_jit": self.inverse_jit,
                 "inverse_dtype": self.inverse_dtype,
                 "statistics_jit": self.statistics_jit,
@@ -867,4 +915,6 @@ class KFAC(keras.optimizers.Optimizer):
             config["damping"] = keras.optimizers.schedules.deserialize(config["damping"], custom_objects=custom_objects)
         if isinstance(config.get("fallback"), dict):
             config["fallback"] = keras.optimizers.deserialize(config["fallback"], custom_objects=custom_objects)
+        if isinstance(config.get("exclude"), dict):
+            config["exclude"] = keras.saving.deserialize_keras_object(config["exclude"], custom_objects=custom_objects)
         return super().from_config(config, custom_objects=custom_objects)

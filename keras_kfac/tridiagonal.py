@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import Functional
 
-from keras_kfac import linalg
+from keras_kfac import _private
+from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.inversion import FactoredInversion, pi_factor
+
+Functional = _private.Functional
 
 APPROXIMATIONS = ("block_diagonal", "block_tridiagonal")
 # Floor of 1 − s_1 s_2 (positive in exact arithmetic because the damped blocks make Σ positive definite).
@@ -54,8 +57,7 @@ def _graph_nodes(model) -> tuple[list, Functional] | None:
         return None
     seen, order, stack = set(), [], []
     for tensor in graph.outputs:
-        history = tensor._keras_history
-        stack.append(history.operation._inbound_nodes[history.node_index])
+        stack.append(_private.output_node(tensor))
     while stack:
         node = stack.pop()
         if id(node) in seen:
@@ -64,6 +66,15 @@ def _graph_nodes(model) -> tuple[list, Functional] | None:
         order.append(node)
         stack.extend(node.parent_nodes)
     return order, graph
+
+
+def chainable(block) -> bool:
+    """Dense blocks with two dense factors and factored damping can be links of a chain."""
+    return (
+        isinstance(block, DenseBlock)
+        and isinstance(block.inversion, FactoredInversion)
+        and not (block.side_a.diagonal or block.side_g.diagonal)
+    )
 
 
 def find_chains(model, blocks: list) -> list[list[int]]:
@@ -78,7 +89,7 @@ def find_chains(model, blocks: list) -> list[list[int]]:
     if found is None:
         return []
     nodes, graph = found
-    index_of = {id(b.layer): i for i, b in enumerate(blocks) if b.kind == "DenseBlock"}
+    index_of = {id(b.layer): i for i, b in enumerate(blocks) if chainable(b)}
     calls = {}
     for node in nodes:
         calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
@@ -94,7 +105,7 @@ def find_chains(model, blocks: list) -> list[list[int]]:
         if j is None or calls[id(node.operation)] != 1 or len(node.input_tensors) != 1:
             continue
         (tensor,) = node.input_tensors
-        producer = tensor._keras_history.operation
+        producer = _private.output_node(tensor).operation
         i = index_of.get(id(producer))
         if i is None or calls[id(producer)] != 1 or consumers[id(tensor)] != 1:
             continue
@@ -147,7 +158,7 @@ def cross_factors(first, second, inputs_first, inputs_second, grads_first, grads
 # ------------------------------------------------------------------------ inversions
 def damped_factors(factor_a: tf.Tensor, factor_g: tf.Tensor, damping) -> tuple[tf.Tensor, tf.Tensor]:
     """(A + π√λ I, G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G)) (1 if a trace is 0)."""
-    pi = linalg.pi_factor(tf.linalg.diag_part(factor_a), tf.linalg.diag_part(factor_g))
+    pi = pi_factor(tf.reduce_mean(tf.linalg.diag_part(factor_a)), tf.reduce_mean(tf.linalg.diag_part(factor_g)))
     root = tf.sqrt(tf.cast(damping, factor_a.dtype))
     a = 0.5 * (factor_a + tf.transpose(factor_a)) + pi * root * tf.eye(tf.shape(factor_a)[0], dtype=factor_a.dtype)
     g = 0.5 * (factor_g + tf.transpose(factor_g)) + root / pi * tf.eye(tf.shape(factor_g)[0], dtype=factor_g.dtype)
@@ -268,17 +279,17 @@ class TridiagonalState:
             cross_a.assign(decay * cross_a + (1.0 - decay) * new[0])
             cross_g.assign(decay * cross_g + (1.0 - decay) * new[1])
 
-    def update_inverses(self, factors, inverses, damping, dtype) -> None:
+    def update_inverses(self, blocks, damping, dtype) -> None:
         """Recomputes every link's state from the factors and the (already updated) factored
         inverses of the following block; a non-finite result keeps the previous state."""
         for (i, j), (cross_a, cross_g), state in zip(self.links, self.cross, self.state):
-            a, g = factors[i]
-            inv_a_next, inv_g_next = inverses[j]
+            a, g = blocks[i].statistics_variables
+            inv_a_next, inv_g_next = blocks[j].inverse_variables
             *new, ok = link_state(a, g, inv_a_next, inv_g_next, cross_a, cross_g, damping, dtype)
             for variable, value in zip(state, new):
                 variable.assign(tf.where(ok, value, variable))
 
-    def directions(self, matrices: dict, inverses) -> dict:
+    def directions(self, matrices: dict, blocks) -> dict:
         """{block index: F̂⁻¹∇ slice} for every chain whose blocks all have gradients."""
         out = {}
         link_of = {link: s for link, s in zip(self.links, self.state)}
@@ -286,6 +297,7 @@ class TridiagonalState:
             if not all(i in matrices for i in chain):
                 continue
             links = [link_of[(chain[n], chain[n + 1])] for n in range(len(chain) - 1)]
-            for i, u in zip(chain, chain_directions([matrices[i] for i in chain], links, inverses[chain[-1]])):
+            last_inverse = blocks[chain[-1]].inverse_variables
+            for i, u in zip(chain, chain_directions([matrices[i] for i in chain], links, last_inverse)):
                 out[i] = u
         return out

@@ -97,8 +97,8 @@ def inverse_owners(strategy, distribute_inverses) -> dict:
         model.optimizer.build(model.trainable_variables)
     optimizer = model.optimizer
     rng = np.random.default_rng(5)
-    for a, g in optimizer._state.factors:
-        for variable in (a, g):
+    for block in optimizer.blocks:
+        for variable in block.statistics_variables:
             for replica, copy in enumerate(strategy.experimental_local_results(variable.value)):
                 rows = rng.normal(size=(2 * variable.shape[0], variable.shape[0])).astype("float32")
                 copy.assign(rows.T @ rows / len(rows) * (1.0 + replica))
@@ -106,16 +106,16 @@ def inverse_owners(strategy, distribute_inverses) -> dict:
     @tf.function
     def invert():
         def step():
-            if distribute_inverses:
-                return keras_kfac.distributed.update_inverses(optimizer)
-            return optimizer._update_inverses()
+            reducer = keras_kfac.distributed.reducer(distribute_inverses)
+            return optimizer._update_inverses(reducer)
 
         strategy.run(step)
 
     invert()
     out = {}
     tag = "split" if distribute_inverses else "all"
-    for b, ((a, g), (inv_a, inv_g)) in enumerate(zip(optimizer._state.factors, optimizer._state.inverses)):
+    for b, block in enumerate(optimizer.blocks):
+        (a, g), (inv_a, inv_g) = block.statistics_variables, block.inverse_variables
         for name, variable in (("a", a), ("g", g), ("inv_a", inv_a), ("inv_g", inv_g)):
             copies = strategy.experimental_local_results(variable.value)
             out[f"owners_{tag}_{b}_{name}"] = np.stack([t.numpy() for t in copies])

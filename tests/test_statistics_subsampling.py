@@ -8,7 +8,7 @@ import reference as ref
 import tensorflow as tf
 
 import keras_kfac
-from keras_kfac.blocks import Conv2DBlock
+from keras_kfac.blocks import BlockOptions, Conv2DBlock
 
 
 def _mlp(batch_norm=False):
@@ -73,16 +73,17 @@ def test_conv_locations_are_a_uniform_random_subset_shared_by_the_examples(conv_
     x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
     layer = keras.layers.Conv2D(4, 3, **conv_args)
     layer.build(x.shape)
-    block = Conv2DBlock(layer)
     full = ref.patches(x.astype(np.float64), (3, 3), layer.strides, layer.padding, (1, 1))
     m, oh, ow, d = full.shape
     full = full.reshape(m, oh * ow, d)
     count = oh * ow
     locations = count // 4
+    block = Conv2DBlock(layer, BlockOptions(stats_locations=locations))
+    block_all = Conv2DBlock(layer, BlockOptions(stats_locations=count))
     picks = np.zeros(count)
     for s in range(300):
         seed = tf.constant([7, s], tf.int64)
-        # `factors` gives the i-th recorded call of the layer the seed fold_in(seed, i).
+        # `batch_statistics` gives the i-th recorded call of the layer the seed fold_in(seed, i).
         rows = block.input_rows(tf.constant(x), locations, tf.random.experimental.stateless_fold_in(seed, 0))
         rows = rows.numpy()
         rows = rows.reshape(m, locations, d)
@@ -94,7 +95,7 @@ def test_conv_locations_are_a_uniform_random_subset_shared_by_the_examples(conv_
             chosen.append(loc)
         assert len(set(chosen)) == locations  # without repetition
         picks[chosen] += 1
-        a, _ = block.factors([tf.constant(x)], [tf.zeros((m, oh, ow, 4))], m, locations, seed)
+        a, _ = block.batch_statistics([tf.constant(x)], [tf.zeros((m, oh, ow, 4))], m, seed)
         kept = ref.with_ones(full[:, chosen].reshape(-1, d))
         assert ref.rel_err(a.numpy(), kept.T @ kept / len(kept)) < 1e-5
     # Uniform (so A's estimate is unbiased): each location is kept with probability
@@ -105,7 +106,8 @@ def test_conv_locations_are_a_uniform_random_subset_shared_by_the_examples(conv_
     rows_all = ref.with_ones(full.reshape(-1, d))
     a_full = rows_all.T @ rows_all / len(rows_all)
     # At least as many locations as there are: exactly A over all of them.
-    a_all, _ = block.factors([tf.constant(x)], [tf.zeros((m, oh, ow, 4))], m, count, tf.constant([7, 0], tf.int64))
+    seed = tf.constant([7, 0], tf.int64)
+    a_all, _ = block_all.batch_statistics([tf.constant(x)], [tf.zeros((m, oh, ow, 4))], m, seed)
     assert ref.rel_err(a_all.numpy(), a_full) < 1e-5
 
 

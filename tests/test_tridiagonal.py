@@ -9,9 +9,10 @@ import tensorflow as tf
 from exact import exact_kfac
 
 import keras_kfac
-from keras_kfac import linalg, tridiagonal
+from keras_kfac import discover_blocks, tridiagonal
 from keras_kfac.blocks import DenseBlock
-from keras_kfac.model import discover_blocks
+from keras_kfac.factors import DenseFactor
+from keras_kfac.inversion import FactoredInversion
 
 LR, DAMPING = 0.5, 1e-2
 # Relative errors seen: ~1e-6 (float32 against float64).
@@ -179,7 +180,10 @@ def test_applied_matrix_matches_damped_fisher_on_tridiagonal_and_its_inverse_is_
     damping = 0.05
     factors, cross = _joint_statistics(rng, dims_a, dims_g)
     f32 = lambda t: tf.constant(t, tf.float32)  # noqa: E731
-    inverses = [linalg.factored_inverses(f32(a), f32(g), damping, tf.float64)[:2] for a, g in factors]
+    inverses = [
+        FactoredInversion(DenseFactor(len(a)), DenseFactor(len(g)), "float64").compute([f32(a), f32(g)], damping)[0]
+        for a, g in factors
+    ]
     links = []
     for i in range(len(factors) - 1):
         *state, ok = tridiagonal.link_state(

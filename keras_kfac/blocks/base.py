@@ -1,47 +1,48 @@
-"""The common part of a Kronecker-factored curvature block.
+"""What every curvature block provides to the optimizer.
 
-A block owns one layer's kernel (and bias).  Its gradient is laid out as a matrix of shape
-(dim_a, dim_g): rows index the layer's input features (plus a homogeneous 1 when there is a
-bias, which becomes the last row), columns its output features.  Its factors are
-
-    A = (1 / n_rows) Σ_rows ā āᵀ        (mean over examples and locations/uses)
-    G = (1 / m)      Σ_rows g gᵀ        (mean over examples, sum over locations/uses)
-
-where a "row" is one example at one location (a spatial position of a convolution, a
-position of a sequence, one call of a layer used several times) and m is the number of
-examples.  g is the gradient of that example's own loss with respect to the pre-activation.
+A block owns the curvature of one layer's trainable variables: it says how the layer is
+recorded during the forward pass (`recording_call`), creates its own state (`build`), turns a
+recording into batch estimates (`batch_statistics`) and folds them into its moving averages
+(`update_statistics`), computes and stores its damped inverse (`compute_inverse`,
+`assign_inverse`), multiplies gradients by it (`multiply_inverse`) and describes itself for
+`kfac_summary` (`summary`).  The optimizer runs these as phases over all blocks; it never
+looks inside one.  Batch estimates and inverse values travel as flat lists of float32 tensors,
+so that a `tf.distribute` reducer can average or share them without knowing their meaning.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 
 import tensorflow as tf
 
 
-def gram_with_ones(rows: tf.Tensor, with_ones: bool) -> tf.Tensor:
-    """Σ_rows ā āᵀ for ā = [a, 1] (or a alone), without forming the augmented rows."""
-    gram = tf.matmul(rows, rows, transpose_a=True)
-    if not with_ones:
-        return gram
-    count = tf.cast(tf.shape(rows)[0], rows.dtype)
-    col = tf.reduce_sum(rows, axis=0)[:, None]
-    top = tf.concat([gram, col], axis=1)
-    bottom = tf.concat([tf.transpose(col), tf.reshape(count, (1, 1))], axis=1)
-    return tf.concat([top, bottom], axis=0)
+@dataclasses.dataclass(frozen=True)
+class BlockOptions:
+    """Settings a block is created with (from the `KFAC` arguments of the same names)."""
+
+    damping_mode: str = "factored"
+    max_factor_size: int | None = 8192
+    stats_locations: int | None = None
+    inverse_dtype: str = "float32"
 
 
-class KroneckerBlock:
-    """Base class: subclasses say how to turn inputs and gradients into rows."""
+class CurvatureBlock:
+    """Base class of all blocks (see module doc).  `layer` is the Keras layer it serves."""
 
-    kind = "kronecker"
+    kind = "curvature"
 
-    def __init__(self, layer):
+    def __init__(self, layer, options: BlockOptions | None = None):
         self.layer = layer
-        self.kernel = layer.kernel
-        self.bias = layer.bias if getattr(layer, "use_bias", False) else None
-        self.in_features = int(math.prod(self.kernel.shape[:-1]))
-        self.out_features = int(self.kernel.shape[-1])
+        self.options = options or BlockOptions()
+        self.state_variables: list = []
+
+    @classmethod
+    def unsupported_reason(cls, layer) -> str | None:
+        """Why this block cannot serve `layer` (e.g. a setting it does not model), or None."""
+        if not layer.trainable:
+            return "not trainable"
+        return None
 
     @property
     def name(self) -> str:
@@ -49,63 +50,69 @@ class KroneckerBlock:
 
     @property
     def variables(self) -> list:
-        return [self.kernel] + ([self.bias] if self.bias is not None else [])
-
-    @property
-    def dim_a(self) -> int:
-        return self.in_features + (1 if self.bias is not None else 0)
-
-    @property
-    def dim_g(self) -> int:
-        return self.out_features
-
-    # -- what subclasses provide -------------------------------------------------------
-    def preactivation(self, inputs: tf.Tensor) -> tf.Tensor:  # pragma: no cover - abstract
+        """The layer variables whose gradients this block preconditions, in a fixed order."""
         raise NotImplementedError
 
-    def input_rows(self, inputs: tf.Tensor, locations: int | None = None, seed=None) -> tf.Tensor:
-        """The (n_rows, in_features) input vectors seen by the kernel.  Blocks with spatial
-        locations keep at most `locations` of them (a uniform random subset drawn from the
-        stateless `seed`, the same for every example); others ignore both arguments."""
-        raise NotImplementedError  # pragma: no cover - abstract
+    # -- capture -------------------------------------------------------------------------
+    def recording_call(self, call, record):
+        """A replacement for `layer.call` that computes the same output and calls
+        `record(inputs, target)`: `target` is the tensor whose loss gradient the statistics
+        need, `inputs` whatever else they need."""
+        raise NotImplementedError
 
-    def output_rows(self, preact_grads: tf.Tensor) -> tf.Tensor:
-        """The (n_rows, out_features) pre-activation gradients, one row per input row."""
-        return tf.reshape(preact_grads, (-1, self.out_features))
+    # -- state ---------------------------------------------------------------------------
+    def build(self, add_variable) -> None:
+        """Creates the block's variables with `add_variable(shape, initializer, name)`."""
+        raise NotImplementedError
 
-    # -- shared -------------------------------------------------------------------------
-    def factors(
-        self, inputs: list, preact_grads: list, num_examples, locations: int | None = None, seed=None
-    ) -> tuple[tf.Tensor, tf.Tensor]:
-        """Batch estimates (A, G) from every recorded call of the layer (see module doc).
+    def update_statistics(self, batch: list, decay) -> None:
+        """new = decay · old + (1 − decay) · batch, for every statistic of the block."""
+        for variable, value in zip(self.statistics_variables, batch):
+            variable.assign(decay * variable + (1.0 - decay) * value)
 
-        With `locations`, A averages over a random subset of the spatial locations (an
-        unbiased estimate of the same mean); G always sums over all of them.
-        """
-        rows_a = []
-        for call, x in enumerate(inputs):
-            call_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, call)
-            rows_a.append(self.input_rows(tf.cast(x, tf.float32), locations, call_seed))
-        rows_a = tf.concat(rows_a, axis=0)
-        rows_g = tf.concat([self.output_rows(tf.cast(g, tf.float32)) for g in preact_grads], axis=0)
-        n_rows = tf.cast(tf.shape(rows_a)[0], tf.float32)
-        factor_a = gram_with_ones(rows_a, self.bias is not None) / n_rows
-        factor_g = tf.matmul(rows_g, rows_g, transpose_a=True) / tf.cast(num_examples, tf.float32)
-        return factor_a, factor_g
+    @property
+    def statistics_variables(self) -> list:
+        raise NotImplementedError
 
-    def to_matrix(self, kernel_grad: tf.Tensor, bias_grad: tf.Tensor | None) -> tf.Tensor:
-        """Stacks the kernel gradient (reshaped) and the bias gradient as a (dim_a, dim_g) matrix."""
-        matrix = tf.reshape(kernel_grad, (self.in_features, self.out_features))
-        if self.bias is not None:
-            matrix = tf.concat([matrix, tf.reshape(bias_grad, (1, self.out_features))], axis=0)
-        return matrix
+    @property
+    def inverse_variables(self) -> list:
+        raise NotImplementedError
 
-    def from_matrix(self, matrix: tf.Tensor) -> list:
-        """Inverse of `to_matrix`: [kernel-shaped tensor] (+ [bias-shaped tensor])."""
-        kernel = tf.reshape(matrix[: self.in_features], self.kernel.shape)
-        if self.bias is None:
-            return [kernel]
-        return [kernel, tf.reshape(matrix[self.in_features], self.bias.shape)]
+    def assign_inverse(self, values: list, ok) -> None:
+        """Stores new inverse values, keeping the previous ones when `ok` is False."""
+        for variable, value in zip(self.inverse_variables, values):
+            variable.assign(tf.where(ok, value, variable))
 
-    def describe(self) -> str:
-        return f"{self.kind}: A {self.dim_a}x{self.dim_a}, G {self.dim_g}x{self.dim_g}"
+    # -- what subclasses compute ---------------------------------------------------------
+    def batch_statistics(self, inputs: list, targets_grads: list, num_examples, seed) -> list:
+        """Batch estimates (float32 tensors shaped like `statistics_variables`) from every
+        recorded call of the layer: `inputs[i]` and `targets_grads[i]` (the per-example loss
+        gradients with respect to the recorded target) of call i."""
+        raise NotImplementedError
+
+    def compute_inverse(self, damping) -> tuple[list, tf.Tensor]:
+        """New values of `inverse_variables` from the statistics and λ, and whether they are finite."""
+        raise NotImplementedError
+
+    def inverse_cost(self) -> int:
+        """Flops of `compute_inverse` up to a constant (to balance replicas)."""
+        raise NotImplementedError
+
+    def multiply_inverse(self, grads: list, damping) -> list:
+        """The damped inverse curvature times the gradients of `variables` (float32, same shapes)."""
+        raise NotImplementedError
+
+    # -- reporting -----------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes of the block's state variables."""
+        total = 0
+        for variable in self.state_variables:
+            count = 1
+            for d in variable.shape:
+                count *= int(d)
+            total += 4 * count
+        return total
+
+    def summary(self) -> dict:
+        """Fields of the block's `kfac_summary` line."""
+        return {"block": self.kind, "curvature": "", "state_bytes": self.memory_bytes()}

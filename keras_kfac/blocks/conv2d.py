@@ -12,14 +12,14 @@ from __future__ import annotations
 import tensorflow as tf
 from keras import ops
 
-from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.kronecker import KroneckerBlock
 
 
 class Conv2DBlock(KroneckerBlock):
     kind = "Conv2DBlock"
 
-    def __init__(self, layer):
-        super().__init__(layer)
+    def __init__(self, layer, options=None):
+        super().__init__(layer, options)
         kh, kw = layer.kernel_size
         sh, sw = layer.strides
         dh, dw = layer.dilation_rate
@@ -27,6 +27,14 @@ class Conv2DBlock(KroneckerBlock):
         self._strides = [1, sh, sw, 1]
         self._rates = [1, dh, dw, 1]
         self._padding = layer.padding.upper()
+
+    @classmethod
+    def unsupported_reason(cls, layer):
+        if layer.data_format != "channels_last":
+            return "channels_first is not supported"
+        if layer.groups != 1:
+            return "grouped convolution is not supported"
+        return super().unsupported_reason(layer)
 
     def preactivation(self, inputs):
         pre = self.layer.convolution_op(inputs, self.layer.kernel)

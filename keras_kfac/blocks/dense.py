@@ -9,7 +9,7 @@ from __future__ import annotations
 import tensorflow as tf
 from keras import ops
 
-from keras_kfac.blocks.base import KroneckerBlock
+from keras_kfac.blocks.kronecker import KroneckerBlock
 
 
 class DenseBlock(KroneckerBlock):

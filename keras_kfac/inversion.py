@@ -1,0 +1,115 @@
+"""How a Kronecker block applies its damped inverse: chosen once per block.
+
+Convention: a block's gradient is a matrix V of shape (dim_a, dim_g) (rows: the input side ā,
+columns: the output side g) and its curvature A ⊗ G acts on the row-major vectorisation of V,
+(A ⊗ G) vec(V) = vec(A V G).
+
+- `EigenInversion` ("eigen"): with A = Q_A diag(a) Q_Aᵀ and G = Q_G diag(g) Q_Gᵀ stored at each
+  inversion, U = Q_A [(Q_Aᵀ V Q_G) / (a gᵀ + λ)] Q_Gᵀ solves (A ⊗ G + λI) vec(U) = vec(V)
+  exactly, with the λ of the current step.
+- `FactoredInversion` ("factored"): stores (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ (Cholesky) at each
+  inversion, π = sqrt((tr A / dim A) / (tr G / dim G)), and applies U = Ã⁻¹ V G̃⁻¹.
+
+A diagonal factor (`keras_kfac.factors.DiagonalFactor`) is its own eigendecomposition (Q = I),
+so both strategies work with any mix of dense and diagonal sides.  Each strategy creates the
+variables it needs, computes their new values from the factors (`compute`, returning the values
+and whether they are finite) and applies them (`apply`).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def pi_factor(mean_a: tf.Tensor, mean_g: tf.Tensor) -> tf.Tensor:
+    """π = sqrt(mean_a / mean_g), or 1 when either mean eigenvalue is not positive."""
+    valid = tf.logical_and(mean_a > 0.0, mean_g > 0.0)
+    return tf.sqrt(tf.where(valid, mean_a / tf.where(valid, mean_g, 1.0), 1.0))
+
+
+def all_finite(tensors) -> tf.Tensor:
+    ok = tf.constant(True)
+    for t in tensors:
+        if t is not None:
+            ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(t)))
+    return ok
+
+
+class EigenInversion:
+    """Exact damping through the eigendecompositions of both factors (see module doc)."""
+
+    name = "eigen"
+
+    def __init__(self, side_a, side_g, dtype: str = "float32"):
+        self.sides = (side_a, side_g)
+        self.dtype = tf.as_dtype(dtype)
+
+    def state_specs(self) -> list:
+        """(shape, initializer, name) of each state variable."""
+        specs = []
+        for label, side in zip("ag", self.sides):
+            specs.append(((side.size,), "zeros", f"eigenvalues_{label}"))
+            if not side.diagonal:
+                specs.append((side.shape, "identity", f"eigenvectors_{label}"))
+        return specs
+
+    def compute(self, factors, damping) -> tuple[list, tf.Tensor]:
+        del damping  # applied at every step instead
+        values = []
+        for side, factor in zip(self.sides, factors):
+            eigenvalues, eigenvectors = side.eigh(factor, self.dtype)
+            values.append(eigenvalues)
+            if eigenvectors is not None:
+                values.append(eigenvectors)
+        return values, all_finite(values)
+
+    def _split(self, state) -> tuple:
+        state = list(state)
+        out = []
+        for side in self.sides:
+            eigenvalues = state.pop(0)
+            eigenvectors = None if side.diagonal else state.pop(0)
+            out.append((eigenvalues, eigenvectors))
+        return tuple(out)
+
+    def apply(self, state, matrix: tf.Tensor, damping) -> tf.Tensor:
+        (eig_a, vec_a), (eig_g, vec_g) = self._split(state)
+        side_a, side_g = self.sides
+        rotated = side_g.multiply(side_a.multiply(matrix, vec_a, 0, transpose=True), vec_g, 1)
+        denominator = eig_a[:, None] * eig_g[None, :] + tf.cast(damping, tf.float32)
+        scaled = rotated / denominator
+        return side_g.multiply(side_a.multiply(scaled, vec_a, 0), vec_g, 1, transpose=True)
+
+
+class FactoredInversion:
+    """Factored Tikhonov damping with explicit inverses (see module doc)."""
+
+    name = "factored"
+
+    def __init__(self, side_a, side_g, dtype: str = "float32"):
+        self.sides = (side_a, side_g)
+        self.dtype = tf.as_dtype(dtype)
+
+    def state_specs(self) -> list:
+        return [(side.shape, side.identity_initializer, f"inverse_{label}") for label, side in zip("ag", self.sides)]
+
+    def shifts(self, factors, damping) -> tuple[tf.Tensor, tf.Tensor]:
+        """(π√λ, √λ/π): the shifts added to A and G."""
+        side_a, side_g = self.sides
+        pi = pi_factor(side_a.mean_eigenvalue(factors[0]), side_g.mean_eigenvalue(factors[1]))
+        root = tf.sqrt(tf.cast(damping, tf.float32))
+        return pi * root, root / pi
+
+    def compute(self, factors, damping) -> tuple[list, tf.Tensor]:
+        shifts = self.shifts(factors, damping)
+        values = [side.shifted_inverse(f, s, self.dtype) for side, f, s in zip(self.sides, factors, shifts)]
+        return values, all_finite(values)
+
+    def apply(self, state, matrix: tf.Tensor, damping) -> tf.Tensor:
+        del damping  # already inside the stored inverses
+        side_a, side_g = self.sides
+        inverse_a, inverse_g = state
+        return side_g.multiply(side_a.multiply(matrix, inverse_a, 0), inverse_g, 1)
+
+
+INVERSIONS = {cls.name: cls for cls in (EigenInversion, FactoredInversion)}
