@@ -69,17 +69,45 @@ def test_inversion_options_give_the_same_step(options):
         graft=None,
         **options,
     )
-    assert opt.inverse_in_xla == (options.get("inverse_jit") is True)
+    inverse_jit = options.get("inverse_jit", "auto")
+    assert opt.inverse_in_xla == (_machine_has_accelerator() if inverse_jit == "auto" else inverse_jit)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     model.train_on_batch(x, y)
     for layer, exp in zip(model.layers, expected):
         assert ref.rel_err(layer.kernel.numpy(), exp["kernel"]) < 2e-4
 
 
-def test_auto_inverse_jit_is_plain_on_cpu():
-    assert not tf.config.list_physical_devices("GPU")
-    assert keras_kfac.KFAC().inverse_in_xla is False
-    assert keras_kfac.KFAC(inverse_jit=True).inverse_in_xla is True
+def _machine_has_accelerator():
+    return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
+
+
+def _fake_devices(*kinds):
+    devices = [tf.config.PhysicalDevice(name="/physical_device:CPU:0", device_type="CPU")]
+    devices += [tf.config.PhysicalDevice(name=f"/physical_device:{k}:0", device_type=k) for k in kinds]
+    return lambda device_type=None: [d for d in devices if device_type in (None, d.device_type)]
+
+
+@pytest.mark.parametrize("prop, arg", [("inverse_in_xla", "inverse_jit"), ("statistics_in_xla", "statistics_jit")])
+def test_auto_jit_follows_this_machine_and_true_false_force_it(prop, arg):
+    # "auto": XLA where the machine has a GPU or TPU, plain tf.function on CPU; whichever
+    # machine runs this, the property must agree with what TensorFlow sees.
+    assert getattr(keras_kfac.KFAC(), prop) is _machine_has_accelerator()
+    assert getattr(keras_kfac.KFAC(**{arg: "auto"}), prop) is _machine_has_accelerator()
+    assert getattr(keras_kfac.KFAC(**{arg: True}), prop) is True
+    assert getattr(keras_kfac.KFAC(**{arg: False}), prop) is False
+
+
+@pytest.mark.parametrize(
+    "kinds, expected", [((), False), (("GPU",), True), (("TPU",), True)], ids=["cpu", "gpu", "tpu"]
+)
+@pytest.mark.parametrize("prop, arg", [("inverse_in_xla", "inverse_jit"), ("statistics_in_xla", "statistics_jit")])
+def test_auto_jit_on_simulated_machines(monkeypatch, prop, arg, kinds, expected):
+    # The same promise on a CPU-only, a GPU and a TPU host, whatever this machine is
+    # (the device list TensorFlow reports is replaced).
+    monkeypatch.setattr(tf.config, "list_physical_devices", _fake_devices(*kinds))
+    assert getattr(keras_kfac.KFAC(), prop) is expected
+    assert getattr(keras_kfac.KFAC(**{arg: True}), prop) is True
+    assert getattr(keras_kfac.KFAC(**{arg: False}), prop) is False
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.float64])
