@@ -104,3 +104,15 @@ def test_the_two_commands_at_the_top_are_unchanged():
         "python -m pytest -q tests",
     ]
     assert README.index("```bash") < README.index("## ")
+
+
+def test_measured_xla_figures_live_in_benchmarks_only():
+    # README points to BENCHMARKS.md for measured speed ratios instead of restating them, and
+    # the section it points to exists there and holds each figure once.
+    assert not re.findall(r"\d+(?:\.\d+)?x (?:slower|faster)", README)
+    section = "XLA or plain `tf.function` on CPU"
+    assert f'BENCHMARKS.md, "{section}"' in README
+    benchmarks = (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")
+    assert f"### {section}\n" in benchmarks
+    for figure in ("**3.3x** slower under XLA", "**41x** slower"):
+        assert benchmarks.count(figure) == 1, figure
