@@ -100,9 +100,8 @@ class OutputLoss:
       ŷ (its generalized Gauss–Newton matrix), e.g. ∂ℓ/∂ŷ at the sampled target;
     - `hessian_product(y_pred, u)`: H·u;
 
-    and optionally `example_mask(y_true)` (Keras' loss mask, positions whose ℓ is zero and which
-    do not count in the mean) and `curvature_scale(y_true)` (a per-example factor of H that depends
-    on the targets). All of them act on the last axis and treat every leading axis as a position,
+    and optionally `example_mask(y_true)` (Keras' loss mask: positions whose ℓ is zero and which
+    do not count in the mean). All of them act on the last axis and treat every leading axis as a position,
     so that per-position sampling can be added for outputs of rank > 2.
 
     `options` names the Keras loss arguments (`get_config()` / `_fn_kwargs` entries) that
@@ -156,11 +155,6 @@ class OutputLoss:
         del y_true
         return None
 
-    def curvature_scale(self, y_true):
-        """None, or a per-position factor of H that depends on the targets."""
-        del y_true
-        return None
-
     # ------------------------------------------------------------------ coefficients
     def example_coefficients(self, y_true, sample_weight, batch_size, values_shape=None, dtype=tf.float32) -> tf.Tensor:
         """k_i = M c_i (see the module doc), shape (batch_size,) for outputs of rank 2 (in general
@@ -195,30 +189,22 @@ class OutputLoss:
         k = tf.cast(coefficients, y_pred.dtype)
         return tf.reshape(k, tf.concat([shape, [1]], 0))
 
-    def _scaled(self, y_pred, y_true, sample_weight, coefficients):
-        """k_i times the target-dependent curvature scale, shaped to broadcast against y_pred."""
-        k = self._coefficients(y_pred, y_true, sample_weight, coefficients)
-        scale = self.curvature_scale(y_true)
-        if scale is not None:
-            k = k * tf.reshape(tf.cast(scale, y_pred.dtype), tf.shape(k))
-        return k
-
     # ------------------------------------------------------------------ the three statistics
     def sample_output_gradients(self, y_pred, y_true, sample_weight, seed, coefficients=None) -> tf.Tensor:
         """g = √k_i s_i per example: E[g gᵀ] = M c_i H_i (float32, shape of `y_pred`).
 
         `seed` is a stateless-random seed (shape (2,) int): the same seed draws the same targets,
-        also under XLA. `y_true` is needed by losses with a mask or a target-dependent scale."""
+        also under XLA. `y_true` is needed by losses with a mask (ignore_class)."""
         y = _float(y_pred)
         _check_rank_two(y)
-        k = self._scaled(y, y_true, sample_weight, coefficients)
+        k = self._coefficients(y, y_true, sample_weight, coefficients)
         return self.unit_gradients(y, self.draw(y, seed)) * tf.sqrt(tf.maximum(k, 0.0))
 
     def fisher_product(self, y_pred, y_true, sample_weight, u, coefficients=None) -> tf.Tensor:
         """k_i H_i u_i per example (float32, shape of `y_pred`); summed over examples and divided
         by M it is the output-space Hessian (GGN) of Keras' loss applied to u."""
         y = _float(y_pred)
-        k = self._scaled(y, y_true, sample_weight, coefficients)
+        k = self._coefficients(y, y_true, sample_weight, coefficients)
         return self.hessian_product(y, tf.cast(u, y.dtype)) * k
 
     def empirical_output_gradients(self, gradient, y_true, sample_weight, coefficients=None) -> tf.Tensor:
@@ -257,8 +243,9 @@ def _broadcast_weights(sample_weight, ones):
 class _SoftmaxCrossEntropy(OutputLoss):
     """ℓ = −Σ_k t_k log softmax(z)_k, or −Σ_k t_k log(ŷ_k / Σŷ) from probabilities.
 
-    From logits H = diag(p) − ppᵀ (times Σ_k t_k, 1 for labels and smoothed labels);
-    s = p − e_y with y ~ Categorical(p). From probabilities the output-space Fisher is
+    From logits H = diag(p) − ppᵀ for targets that sum to 1 (labels, smoothed labels, soft
+    labels; for others TensorFlow's own gradient of the loss, softmax − t, has this Jacobian
+    too); s = p − e_y with y ~ Categorical(p). From probabilities the output-space Fisher is
     diag(1/(S ŷ)) − 11ᵀ/S² (S = Σŷ), the expected Hessian over the model's own labels;
     s = ∂ℓ/∂ŷ at y ~ Categorical(ŷ/S) = −e_y/ŷ_y + 1/S. Through a softmax output layer
     (ŷ = softmax(z)) it is exactly the logits' diag(p) − ppᵀ, the Hessian of Keras' loss in z.
@@ -334,22 +321,15 @@ class SparseCategoricalCrossentropyLoss(_SoftmaxCrossEntropy):
 class CategoricalCrossentropyLoss(_SoftmaxCrossEntropy):
     """`categorical_crossentropy`: one-hot or soft targets, optional `label_smoothing`.
 
-    Keras smooths t ← (1 − ε) t + ε/K. The Hessian in the logits is (Σ_k t_k)(diag(p) − ppᵀ): it
-    depends on the targets only through their sum, which smoothing keeps (1 for one-hot labels),
-    so smoothing leaves the curvature unchanged and soft targets scale it by their sum (the
-    `curvature_scale`). For probability outputs the same holds through a softmax output layer."""
+    Keras smooths t ← (1 − ε) t + ε/K, which keeps Σ_k t_k = 1, and the Hessian in the logits,
+    diag(p) − ppᵀ, does not depend on targets that sum to 1: smoothing changes no curvature. For
+    probability outputs the same holds in the logits of a softmax output layer."""
 
     options = ("from_logits", "label_smoothing", "axis")
 
     def __init__(self, from_logits=False, label_smoothing=0.0, axis=-1, **kwargs):
         super().__init__(from_logits=from_logits, axis=axis, **kwargs)
         self.label_smoothing = float(label_smoothing or 0.0)
-
-    def curvature_scale(self, y_true):
-        if y_true is None:
-            return None
-        mass = tf.reduce_sum(_float(y_true), axis=-1)
-        return (1.0 - self.label_smoothing) * mass + self.label_smoothing
 
 
 class BinaryCrossentropyLoss(OutputLoss):
