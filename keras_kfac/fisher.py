@@ -1,131 +1,36 @@
-"""Output-side gradients for the Fisher statistics: sampled targets per loss, or the real labels.
+"""Output-side gradients for the Fisher statistics (thin wrappers over `keras_kfac.losses`).
 
-With `fisher="sampled"` each example's output gradient is ∂ℓ/∂ŷ for a target ŷ* drawn from
-the model's predictive distribution, scaled so that E[g gᵀ] equals the Hessian of Keras' loss
-with respect to its natural parameter (the generalized Gauss-Newton matrix, which is the Fisher
-for these losses):
+The per-loss mathematics (what is sampled, the output-space curvature, and how sample weights,
+loss weights and the loss's reduction scale each example) lives in `keras_kfac.losses`; these
+names are kept for `keras_kfac.model`:
 
-- (sparse) categorical cross-entropy: y* ~ Categorical(softmax(z)); g = ∂ℓ/∂ŷ.
-- binary cross-entropy: y*_j ~ Bernoulli(p_j); Keras averages over the d outputs, so g = √d ∂ℓ/∂ŷ.
-- mean squared error, ℓ = (1/d)‖ŷ − y‖²: g = sqrt(2/d) ε with ε ~ N(0, I) (a unit-variance
-  Gaussian draw in the loss's own scale; E[g gᵀ] = (2/d) I, the loss's Hessian).
+- `loss_specs(loss, loss_weights, output_names)`: one `keras_kfac.losses.OutputLoss` per output;
+- `sampled_output_grads(spec, y_pred, seed, y_true=None, sample_weight=None)`: g for targets drawn
+  from the model's predictive distribution, E[g gᵀ] = m c_i H_i (see `keras_kfac.losses`).
 
-A per-output loss weight w multiplies g by √w.  Sampling uses stateless random ops, so a
-given seed (the optimizer's seed and step counter) always draws the same targets, also
-under XLA.
+Without `y_true`/`sample_weight` every example has the weight 1 (the reduction and the loss
+weight still apply), and a loss that needs the labels (`ignore_class`) is an error.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-import keras
 import tensorflow as tf
 
-SUPPORTED_LOSSES = (
-    "sparse_categorical_crossentropy",
-    "categorical_crossentropy",
-    "binary_crossentropy",
-    "mean_squared_error",
-)
-_EPSILON = 1e-7
+from keras_kfac.losses import SUPPORTED_LOSSES, OutputLoss, resolve_loss, resolve_losses
+
+__all__ = ["SUPPORTED_LOSSES", "loss_spec", "loss_specs", "sampled_output_grads"]
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSpec:
-    """What the sampler needs to know of one output's loss."""
-
-    kind: str  # "categorical", "binary" or "mse"
-    from_logits: bool = False
-    weight: float = 1.0
+def loss_spec(loss, weight: float = 1.0) -> OutputLoss:
+    """Resolves a Keras loss (name, `Loss` object or function) to its `OutputLoss`."""
+    return resolve_loss(loss, weight)
 
 
-def _unsupported(loss) -> ValueError:
-    return ValueError(
-        f"fisher='sampled' does not know how to sample targets for the loss {loss!r}. "
-        f"Supported losses: {', '.join(SUPPORTED_LOSSES)} (names, keras.losses classes or "
-        "functions). Use fisher='empirical' for other losses."
-    )
+def loss_specs(loss, loss_weights, output_names: list[str]) -> list[OutputLoss]:
+    """One `OutputLoss` per model output, following Keras' compile conventions."""
+    return resolve_losses(loss, loss_weights, output_names)
 
 
-_FUNCTION_KINDS = {
-    keras.losses.sparse_categorical_crossentropy: "categorical",
-    keras.losses.categorical_crossentropy: "categorical",
-    keras.losses.binary_crossentropy: "binary",
-    keras.losses.mean_squared_error: "mse",
-}
-
-
-def loss_spec(loss, weight: float = 1.0) -> LossSpec:
-    """Resolves a Keras loss (name, `Loss` object or function) to a `LossSpec`."""
-    resolved = keras.losses.get(loss) if isinstance(loss, str) else loss
-    fn = getattr(resolved, "fn", resolved)  # LossFunctionWrapper and its subclasses
-    kind = _FUNCTION_KINDS.get(fn)
-    if kind is None:
-        raise _unsupported(loss)
-    kwargs = getattr(resolved, "_fn_kwargs", None) or {}
-    if isinstance(resolved, keras.losses.Loss) and hasattr(resolved, "get_config"):
-        kwargs = {**kwargs, **resolved.get_config()}
-    return LossSpec(kind=kind, from_logits=bool(kwargs.get("from_logits", False)), weight=float(weight))
-
-
-def loss_specs(loss, loss_weights, output_names: list[str]) -> list[LossSpec]:
-    """One `LossSpec` per model output, following Keras' compile conventions."""
-    count = len(output_names)
-    if isinstance(loss, dict):
-        losses = [loss[name] for name in output_names]
-    elif isinstance(loss, (list, tuple)):
-        if len(loss) != count:
-            raise ValueError(f"Got {len(loss)} losses for {count} outputs.")
-        losses = list(loss)
-    else:
-        losses = [loss] * count
-    if loss_weights is None:
-        weights = [1.0] * count
-    elif isinstance(loss_weights, dict):
-        weights = [loss_weights.get(name, 1.0) for name in output_names]
-    elif isinstance(loss_weights, (list, tuple)):
-        weights = list(loss_weights)
-    else:
-        weights = [loss_weights] * count
-    return [loss_spec(item, w) for item, w in zip(losses, weights)]
-
-
-def sampled_output_grads(spec: LossSpec, y_pred: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Per-example ∂ℓ/∂ŷ at sampled targets (see module doc), float32, shape of `y_pred`."""
-    y_pred = tf.cast(y_pred, tf.float32)
-    if y_pred.shape.rank != 2:
-        raise ValueError(
-            "fisher='sampled' supports outputs of shape (batch, units); got an output of rank "
-            f"{y_pred.shape.rank}. Use fisher='empirical' for this model."
-        )
-    units = tf.cast(tf.shape(y_pred)[-1], tf.float32)
-    if spec.kind == "categorical":
-        if spec.from_logits:
-            logits = y_pred
-        else:
-            probs = y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True)
-            logits = tf.math.log(tf.clip_by_value(probs, _EPSILON, 1.0))
-        index = tf.random.stateless_categorical(logits, 1, seed=seed)[:, 0]
-        onehot = tf.one_hot(index, tf.shape(y_pred)[-1], dtype=tf.float32)
-        if spec.from_logits:
-            grad = tf.nn.softmax(logits) - onehot
-        else:
-            # ℓ = −log(p_y / Σp): ∂ℓ/∂p = −onehot / p_y + 1 / Σp.
-            total = tf.reduce_sum(y_pred, axis=-1, keepdims=True)
-            grad = -onehot / tf.maximum(y_pred, _EPSILON) + 1.0 / total
-    elif spec.kind == "binary":
-        probs = tf.sigmoid(y_pred) if spec.from_logits else tf.clip_by_value(y_pred, _EPSILON, 1.0 - _EPSILON)
-        target = tf.cast(tf.random.stateless_uniform(tf.shape(probs), seed=seed) < probs, tf.float32)
-        if spec.from_logits:
-            grad = (probs - target) / units
-        else:
-            grad = (probs - target) / (probs * (1.0 - probs)) / units
-        grad = grad * tf.sqrt(units)
-    elif spec.kind == "mse":
-        grad = tf.sqrt(2.0 / units) * tf.random.stateless_normal(tf.shape(y_pred), seed=seed)
-    else:  # pragma: no cover - LossSpec is only built by loss_spec
-        raise ValueError(f"Unknown loss kind {spec.kind!r}")
-    if spec.weight != 1.0:
-        grad = grad * (spec.weight**0.5)
-    return grad
+def sampled_output_grads(spec: OutputLoss, y_pred, seed, y_true=None, sample_weight=None) -> tf.Tensor:
+    """Per-example √(m c_i) ∂ℓ/∂ŷ at sampled targets, float32, shape of `y_pred`."""
+    return spec.sample_output_gradients(y_pred, y_true, sample_weight, seed)

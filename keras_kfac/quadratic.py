@@ -1,49 +1,20 @@
-"""The local quadratic model of the loss on one mini-batch and exact Fisher-vector products.
+"""The local quadratic model of the loss on one mini-batch, from exact Fisher products.
 
-M(δ) = ½ δᵀ(F + (λ+η)I)δ + ∇ᵀδ, with F = Jᵀ H J / m the mini-batch Fisher (generalized
-Gauss-Newton matrix): J the Jacobian of the model outputs with respect to the parameters and
-H the per-example Fisher of the loss in the output's own parameterization (the convention of
-`keras_kfac.fisher`): diag(p) − ppᵀ for softmax logits, diag(1/p) − 11ᵀ for probabilities,
-p(1−p)/d (logits) or 1/(p(1−p)d) (probabilities) for binary cross-entropy, 2/d for MSE, each
-times the loss weight.  The Fisher is invariant to that parameterization, so an output layer
-with activation="softmax" gives the same F as its logits would.  J·v comes from forward-mode
-accumulators (one extra forward pass), Jᵀu from a backward pass; no dense matrix is built.
+M(δ) = ½ δᵀ(F + (λ+η)I)δ + ∇ᵀδ, with F = Σ_i c_i J_iᵀ H_i J_i the Fisher (generalized Gauss-Newton
+matrix) of the loss L = Σ_i c_i ℓ_i that Keras minimises: J_i the Jacobian of example i's model
+outputs with respect to the parameters, H_i the output-space curvature of its loss and c_i its
+coefficient (sample weight, loss weight, reduction), both from `keras_kfac.losses`
+(`OutputLoss.fisher_product` returns m c_i H_i u_i; the sum over examples is divided by m here).
+The Fisher is invariant to the output's parameterization, so an output layer with
+activation="softmax" gives the same F as its logits would. J·v comes from forward-mode
+accumulators (one extra forward pass); no dense matrix is built.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_kfac.fisher import LossSpec
-
-_EPSILON = 1e-7
-
-
-def output_fisher_product(spec: LossSpec, y_pred: tf.Tensor, u: tf.Tensor) -> tf.Tensor:
-    """H·u per example (rows), H the output-space Fisher of `spec`'s loss at `y_pred` (not divided by m)."""
-    y = tf.cast(y_pred, tf.float32)
-    u = tf.cast(u, tf.float32)
-    d = tf.cast(tf.shape(y)[-1], tf.float32)
-    if spec.kind == "categorical":
-        if spec.from_logits:
-            p = tf.nn.softmax(y)
-            out = p * u - p * tf.reduce_sum(p * u, axis=-1, keepdims=True)
-        else:
-            total = tf.reduce_sum(y, axis=-1, keepdims=True)
-            p = tf.maximum(y, _EPSILON)
-            out = u / (total * p) - tf.reduce_sum(u, axis=-1, keepdims=True) / (total * total)
-    elif spec.kind == "binary":
-        if spec.from_logits:
-            p = tf.sigmoid(y)
-            out = p * (1.0 - p) * u / d
-        else:
-            p = tf.clip_by_value(y, _EPSILON, 1.0 - _EPSILON)
-            out = u / (p * (1.0 - p) * d)
-    elif spec.kind == "mse":
-        out = 2.0 * u / d
-    else:  # pragma: no cover
-        raise ValueError(f"Unknown loss kind {spec.kind!r}")
-    return out * spec.weight
+from keras_kfac.losses import per_output
 
 
 def _raw(variable):
@@ -53,15 +24,19 @@ def _raw(variable):
 class BatchQuadratic:
     """Fisher products and losses of one model on one batch (x, y, sample_weight).
 
-    `forward()` returns the model outputs as a flat list; `specs` one `LossSpec` per output.
+    `forward()` returns the model outputs as a flat list; `specs` one `keras_kfac.losses.OutputLoss`
+    per output; `targets` and `sample_weight` the batch's y and sample weights (one entry per
+    flat output, or anything `keras_kfac.losses.per_output` takes; None: no labels, weights 1).
     """
 
-    def __init__(self, forward, loss_fn, specs: list, variables: list, num_examples):
+    def __init__(self, forward, loss_fn, specs: list, variables: list, num_examples, targets=None, sample_weight=None):
         self.forward = forward
         self.loss_fn = loss_fn
         self.specs = list(specs)
         self.variables = list(variables)
         self.num_examples = tf.cast(num_examples, tf.float32)
+        self.targets = per_output(targets, len(self.specs))
+        self.sample_weights = per_output(sample_weight, len(self.specs))
 
     def jvps(self, tangents: list) -> tuple[list, list]:
         """(outputs, [J·t for t in tangents]): one forward pass with a forward-mode accumulator per
@@ -78,7 +53,10 @@ class BatchQuadratic:
         """The matrix [tᵢᵀ F tⱼ] (float32) for the given tangent lists."""
         outputs, jvps = self.jvps(tangents)
         hj = [
-            [output_fisher_product(s, tf.stop_gradient(o), j) for s, o, j in zip(self.specs, outputs, js)]
+            [
+                tf.cast(s.fisher_product(tf.stop_gradient(o), t, w, j), tf.float32)
+                for s, o, t, w, j in zip(self.specs, outputs, self.targets, self.sample_weights, js)
+            ]
             for js in jvps
         ]
         n = len(tangents)
@@ -86,21 +64,6 @@ class BatchQuadratic:
         for a in range(n):
             rows.append(tf.stack([tf.add_n([tf.reduce_sum(x * y) for x, y in zip(jvps[a], hj[b])]) for b in range(n)]))
         return tf.stack(rows) / self.num_examples
-
-    def fisher_vector_product(self, vector: list) -> list:
-        """F·v (per variable, float32): a Jacobian-vector product, H, then a vector-Jacobian product
-        (two forward passes and one backward pass)."""
-        outputs, (jv,) = self.jvps([vector])
-        with tf.GradientTape() as tape:  # its own pass: a tape around the accumulators loses the variables
-            outputs = self.forward()
-        hjv = [tf.stop_gradient(output_fisher_product(s, o, j)) for s, o, j in zip(self.specs, outputs, jv)]
-        grads = tape.gradient(
-            outputs,
-            self.variables,
-            output_gradients=[tf.cast(h, o.dtype) for h, o in zip(hjv, outputs)],
-            unconnected_gradients="zero",
-        )
-        return [tf.cast(g, tf.float32) / self.num_examples for g in grads]
 
     def loss(self) -> tf.Tensor:
         return tf.cast(self.loss_fn(), tf.float32)

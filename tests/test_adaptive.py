@@ -1,4 +1,4 @@
-"""Quadratic model, exact Fisher-vector products, automatic α/μ and Levenberg–Marquardt damping,
+"""Quadratic model, exact Fisher products (its Gram matrix), automatic α/μ and Levenberg–Marquardt damping,
 against dense float64 NumPy Fishers (Jacobians by central differences) and closed forms."""
 
 import os
@@ -12,7 +12,7 @@ import keras_kfac
 from keras_kfac import damping as damping_lib
 from keras_kfac import quadratic
 from keras_kfac.datasets import DatasetNotFoundError, load_arrays
-from keras_kfac.fisher import loss_spec
+from keras_kfac.losses import resolve_loss
 from keras_kfac.models import mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,8 +61,9 @@ def _loss(theta, shapes, x, y, kind):
     raise NotImplementedError(kind)
 
 
-def _dense_fisher(theta, shapes, x, kind):
-    """F = Σ Jᵢᵀ Hᵢ Jᵢ / m with J the Jacobian of the last layer's pre-activation (central differences)."""
+def _dense_fisher(theta, shapes, x, kind, coefficients=None):
+    """F = Σ kᵢ Jᵢᵀ Hᵢ Jᵢ / m with J the Jacobian of the last layer's pre-activation (central
+    differences) and kᵢ = m cᵢ the example's coefficient in the loss (1 by default)."""
     eps = 1e-6
     m, k = x.shape[0], 3
     jac = np.zeros((m, k, theta.size))
@@ -81,18 +82,23 @@ def _dense_fisher(theta, shapes, x, kind):
             h = np.diag(p * (1 - p)) / k
         else:
             h = 2.0 / k * np.eye(k)
-        fisher += jac[i].T @ h @ jac[i]
+        fisher += (1.0 if coefficients is None else coefficients[i]) * jac[i].T @ h @ jac[i]
     return fisher / m
 
 
-def _batch(model, x, kind):
+def _batch(model, x, kind, loss=None, sample_weight=None):
     return quadratic.BatchQuadratic(
-        lambda: [model(x)], None, [loss_spec(LOSSES[kind][1])], model.trainable_weights, x.shape[0]
+        lambda: [model(x)],
+        None,
+        [resolve_loss(LOSSES[kind][1] if loss is None else loss)],
+        model.trainable_weights,
+        x.shape[0],
+        sample_weight=sample_weight,
     )
 
 
 @pytest.mark.parametrize("kind", sorted(LOSSES))
-def test_fisher_vector_product_and_gram_match_dense_fisher(kind):
+def test_gram_matches_dense_fisher(kind):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(6, 4))
     model = _model(LOSSES[kind][0])
@@ -101,9 +107,6 @@ def test_fisher_vector_product_and_gram_match_dense_fisher(kind):
     fisher = _dense_fisher(theta, shapes, x, kind)
     v, w = rng.normal(size=theta.size), rng.normal(size=theta.size)
     batch = _batch(model, tf.constant(x, tf.float32), kind)
-    fv = batch.fisher_vector_product([tf.constant(p, tf.float32) for p in _unflatten(v, shapes)])
-    got = np.concatenate([t.numpy().ravel() for t in fv])
-    np.testing.assert_allclose(got, fisher @ v, rtol=2e-3, atol=2e-5 * np.abs(fisher @ v).max())
     tangents = [[tf.constant(p, tf.float32) for p in _unflatten(t, shapes)] for t in (v, w)]
     gram = batch.gram(tangents).numpy()
     expected = np.array([[v @ fisher @ v, v @ fisher @ w], [w @ fisher @ v, w @ fisher @ w]])
@@ -117,6 +120,31 @@ def test_fisher_vector_product_and_gram_match_dense_fisher(kind):
     )
     exact = 0.5 * delta @ (fisher + lam * np.eye(theta.size)) @ delta + grad @ delta
     np.testing.assert_allclose(value.numpy(), exact, rtol=1e-3)
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
+@pytest.mark.parametrize("kind", ["logits", "sigmoid"])
+def test_gram_honours_sample_weight_and_reduction(kind, reduction):
+    """F of L = Σ cᵢ ℓᵢ: with sample weights s, cᵢ = sᵢ/m ("sum_over_batch_size"), sᵢ ("sum") or
+    sᵢ/Σs ("mean_with_sample_weight"); F is the dense Σ m cᵢ JᵢᵀHᵢJᵢ / m."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(6, 4))
+    weights = np.array([0.0, 1.0, 4.0, 0.5, 2.0, 1.0])
+    model = _model(LOSSES[kind][0])
+    shapes = [v.shape for v in model.trainable_weights]
+    theta = np.concatenate([p.ravel() for p in _params(model)])
+    c = {"sum_over_batch_size": weights / 6, "sum": weights, "mean_with_sample_weight": weights / weights.sum()}
+    fisher = _dense_fisher(theta, shapes, x, kind, coefficients=6 * c[reduction])
+    if kind == "logits":
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+    else:
+        loss = keras.losses.BinaryCrossentropy(reduction=reduction)
+    batch = _batch(model, tf.constant(x, tf.float32), kind, loss, tf.constant(weights, tf.float32))
+    v, w = rng.normal(size=theta.size), rng.normal(size=theta.size)
+    tangents = [[tf.constant(p, tf.float32) for p in _unflatten(t, shapes)] for t in (v, w)]
+    gram = batch.gram(tangents).numpy()
+    expected = np.array([[v @ fisher @ v, v @ fisher @ w], [w @ fisher @ v, w @ fisher @ w]])
+    np.testing.assert_allclose(gram, expected, rtol=2e-3, atol=1e-5 * np.abs(expected).max())
 
 
 def test_solve_step_is_the_two_by_two_solution():
