@@ -31,6 +31,7 @@ __all__ = [
     "multiworker_step_function",
     "uses_weight_decay",
     "track_variable",
+    "loss_input",
 ]
 
 # `Functional` (the class of functional models) and `functional_init_arguments` (whether
@@ -171,3 +172,10 @@ def track_variable(optimizer, variable) -> None:
     """Makes an optimizer save and restore a variable it did not create with `add_variable`
     (the damping variable, the fallback optimizer's state)."""
     optimizer._track_variable(variable)
+
+
+def loss_input(output):
+    """The tensor Keras' loss actually reads for a model output: a softmax or sigmoid output
+    carries its logits as `_keras_logits`, and Keras' cross-entropies use those (so the loss has
+    no gradient with respect to the probabilities themselves)."""
+    return getattr(output, "_keras_logits", output)

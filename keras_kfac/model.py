@@ -21,8 +21,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from keras_kfac import _private
-from keras_kfac import fisher as fisher_lib
+from keras_kfac import _private, distributed
+from keras_kfac import losses as losses_lib
 from keras_kfac.capture import capture
 from keras_kfac.discovery import discover_blocks, spec_of_batch
 from keras_kfac.optimizer import KFAC
@@ -141,8 +141,8 @@ class KFACTrainStep:
         return text
 
     # ------------------------------------------------------------------ the train step
-    def _kfac_loss_specs(self, y_pred) -> list:
-        """One `fisher.LossSpec` per output, in the order of `keras.tree.flatten(y_pred)`."""
+    def _kfac_output_losses(self, y_pred) -> list:
+        """One `keras_kfac.losses.OutputLoss` per output, in the order of `keras.tree.flatten(y_pred)`."""
         if self._kfac_specs is None:
             loss, loss_weights = self._kfac_loss
             count = len(keras.tree.flatten(y_pred))
@@ -152,7 +152,7 @@ class KFACTrainStep:
                 names = list(getattr(self, "output_names", None) or [])
                 if len(names) != count:
                     names = [f"output_{i}" for i in range(count)]
-            self._kfac_specs = fisher_lib.loss_specs(loss, loss_weights, names)
+            self._kfac_specs = losses_lib.resolve_losses(loss, loss_weights, names)
         return self._kfac_specs
 
     def _kfac_call(self, x):
@@ -167,47 +167,71 @@ class KFACTrainStep:
         for variable, value in zip(self.non_trainable_variables, values):
             variable.assign(value)
 
-    def _kfac_output_grads(self, opt, y_pred, y, sample_weight, loss, tape, targets, num_examples) -> list:
-        """Per-example loss gradients with respect to the recorded targets (see `keras_kfac.fisher`)."""
-        if opt.fisher == "empirical":
-            # m × ∂(batch loss)/∂(target): each example's own loss gradient under Keras' mean.
-            scale = tf.cast(num_examples, tf.float32) / opt.loss_scale()
-            return _float32_grads(tape.gradient(loss, targets), targets, scale)
-        specs = self._kfac_loss_specs(y_pred)
+    def _kfac_coefficients(self, y_pred, y, sample_weight) -> list:
+        """Per output, each example's weight k_i = m·c_i in the loss Keras minimises (sample
+        weights, class weights, masks, reduction and loss weight; see `keras_kfac.losses`)."""
+        output_losses = self._kfac_output_losses(y_pred)
         outputs = keras.tree.flatten(y_pred)
-        seed = opt.sampling_seed()
-        output_grads = [
-            tf.cast(
-                fisher_lib.sampled_output_grads(spec, out, tf.random.experimental.stateless_fold_in(seed, i)),
-                out.dtype,
-            )
-            for i, (spec, out) in enumerate(zip(specs, outputs))
+        ys = losses_lib.per_output(y, len(outputs))
+        weights = losses_lib.per_output(sample_weight, len(outputs))
+        return [
+            loss.example_coefficients(y_o, w_o, tf.shape(out)[0])
+            for loss, out, y_o, w_o in zip(output_losses, outputs, ys, weights)
         ]
+
+    def _kfac_output_grads(self, opt, y_pred, y, sample_weight, loss, tape, targets, coefficients) -> list:
+        """Per-example output gradients g_i with respect to the recorded targets: E[g gᵀ]
+        (sampled) or g gᵀ (empirical) is k_i times the loss's Hessian in the output."""
+        output_losses = self._kfac_output_losses(y_pred)
+        outputs = keras.tree.flatten(y_pred)
+        ys = losses_lib.per_output(y, len(outputs))
+        weights = losses_lib.per_output(sample_weight, len(outputs))
+        if opt.fisher == "empirical":
+            # From ∂L/∂ŷ of the replica loss before loss scaling (`loss` is the scaled one):
+            # g_i = (∂L/∂ŷ_i)·m/√k_i = √k_i ∇ℓ_i.
+            # Keras' cross-entropies read a softmax/sigmoid output's logits: differentiate there
+            # (the per-example factor m/√k_i is the same for either tensor).
+            outputs = [_private.loss_input(out) for out in outputs]
+            unscale = opt.loss_scale() * distributed.num_replicas()
+            slopes = tape.gradient(loss, outputs)
+            output_grads = []
+            for output_loss, out, slope, y_o, w_o, k in zip(output_losses, outputs, slopes, ys, weights, coefficients):
+                slope = tf.zeros_like(out, tf.float32) if slope is None else tf.cast(slope, tf.float32) / unscale
+                output_grads.append(output_loss.empirical_output_gradients(slope, y_o, w_o, coefficients=k))
+        else:
+            seed = opt.sampling_seed()
+            output_grads = []
+            for i, (output_loss, out, y_o, w_o, k) in enumerate(zip(output_losses, outputs, ys, weights, coefficients)):
+                draw_seed = tf.random.experimental.stateless_fold_in(seed, i)
+                output_grads.append(output_loss.sample_output_gradients(out, y_o, w_o, draw_seed, coefficients=k))
+        output_grads = [tf.cast(g, out.dtype) for g, out in zip(output_grads, outputs)]
         return _float32_grads(tape.gradient(outputs, targets, output_gradients=output_grads), targets)
 
-    def _kfac_statistics_pass(self, x, y, sample_weight):
+    def _kfac_statistics_pass(self, x, y, sample_weight, coefficients):
         """(inputs, target gradients, examples) from a forward and backward pass of this batch
         alone; the non-trainable variables (moving statistics) are left as they were."""
         opt = _kfac_optimizer(self.optimizer)
         values = self._kfac_values()
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
         with capture(opt.blocks) as record:
-            with tf.GradientTape() as tape:
+            with tf.GradientTape(persistent=True) as tape:
                 y_pred = self._kfac_call(x)
                 loss = None
                 if opt.fisher == "empirical":
                     loss = opt.scale_loss(_private.compute_loss(self, x, y, y_pred, sample_weight))
         targets = record.flat_targets()
-        grads = self._kfac_output_grads(opt, y_pred, y, sample_weight, loss, tape, targets, num_examples)
+        grads = self._kfac_output_grads(opt, y_pred, y, sample_weight, loss, tape, targets, coefficients)
         self._kfac_restore(values)
         return record.inputs, record.unflatten(grads), num_examples
 
-    def _kfac_statistics(self, x, y, sample_weight):
+    def _kfac_statistics(self, x, y, sample_weight, y_pred):
         """The statistics of the first `stats_batch_size` examples (their own forward and
-        backward pass, cheaper than a second backward pass through the whole batch)."""
+        backward pass, cheaper than a second backward pass through the whole batch).  Each
+        example keeps its weight in the whole batch's loss (`_kfac_coefficients`)."""
         opt = _kfac_optimizer(self.optimizer)
         k = opt.stats_batch_size
         first = lambda t: None if t is None else t[:k]  # noqa: E731
+        coefficients = [c[:k] for c in self._kfac_coefficients(y_pred, y, sample_weight)]
         x_k = keras.tree.map_structure(first, x)
         y_k = keras.tree.map_structure(first, y) if y is not None else None
         w_k = keras.tree.map_structure(first, sample_weight) if sample_weight is not None else None
@@ -216,7 +240,7 @@ class KFACTrainStep:
                 self._kfac_subset_fn = tf.function(self._kfac_statistics_pass, jit_compile=True, reduce_retracing=True)
             else:
                 self._kfac_subset_fn = self._kfac_statistics_pass
-        return self._kfac_subset_fn(x_k, y_k, w_k)
+        return self._kfac_subset_fn(x_k, y_k, w_k, coefficients)
 
     def _kfac_forward_backward(self, x, y, sample_weight):
         """Forward pass, loss and gradients; without `stats_batch_size`, also the statistics of
@@ -225,7 +249,7 @@ class KFACTrainStep:
         whole = opt.stats_batch_size is None
         blocks = opt.blocks if whole else []
         with capture(blocks) as record:
-            with tf.GradientTape(persistent=whole and opt.fisher == "sampled") as tape:
+            with tf.GradientTape(persistent=whole) as tape:
                 y_pred = self._kfac_call(x)
                 loss = _private.compute_loss(self, x, y, y_pred, sample_weight)
                 scaled_loss = opt.scale_loss(loss)
@@ -234,23 +258,16 @@ class KFACTrainStep:
         if not whole:
             return y_pred, loss, tape.gradient(scaled_loss, variables), None
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]
-        if opt.fisher == "empirical":
-            both = tape.gradient(scaled_loss, variables + targets)
-            grads, target_grads = both[: len(variables)], both[len(variables) :]
-            scale = tf.cast(num_examples, tf.float32) / opt.loss_scale()
-            g = _float32_grads(target_grads, targets, scale)
-        else:
-            grads = tape.gradient(scaled_loss, variables)
-            if targets:
-                due = opt.due(opt.stats_every)
-                output_grads = lambda: self._kfac_output_grads(  # noqa: E731
-                    opt, y_pred, y, sample_weight, None, tape, targets, num_examples
-                )
-                zeros = lambda: [tf.zeros_like(t, tf.float32) for t in targets]  # noqa: E731
-                g = tf.cond(due, output_grads, zeros)
-                g = list(g) if isinstance(g, (list, tuple)) else [g]
-            else:
-                g = []
+        grads = tape.gradient(scaled_loss, variables)
+        g = []
+        if targets:
+            coefficients = self._kfac_coefficients(y_pred, y, sample_weight)
+            output_grads = lambda: self._kfac_output_grads(  # noqa: E731
+                opt, y_pred, y, sample_weight, scaled_loss, tape, targets, coefficients
+            )
+            zeros = lambda: [tf.zeros_like(t, tf.float32) for t in targets]  # noqa: E731
+            g = tf.cond(opt.due(opt.stats_every), output_grads, zeros)
+            g = list(g) if isinstance(g, (list, tuple)) else [g]
         return y_pred, loss, grads, (record.inputs, record.unflatten(g), num_examples)
 
     def _kfac_quadratic(self, x, y, sample_weight, y_pred, num_examples, before):
@@ -269,7 +286,15 @@ class KFACTrainStep:
             self._kfac_restore(before)
             return _private.compute_loss(self, x, y, self._kfac_call(x), sample_weight)
 
-        return BatchQuadratic(forward, loss_fn, self._kfac_loss_specs(y_pred), self.trainable_weights, num_examples)
+        return BatchQuadratic(
+            forward,
+            loss_fn,
+            self._kfac_output_losses(y_pred),
+            self.trainable_weights,
+            num_examples,
+            targets=y,
+            sample_weight=sample_weight,
+        )
 
     def _kfac_rollback(self, applied, snapshot) -> None:
         """Puts the snapshot back when the step was skipped, so that a non-finite batch leaves
@@ -303,7 +328,7 @@ class KFACTrainStep:
         else:
             y_pred, loss, grads, statistics = self._kfac_forward_backward(x, y, sample_weight)
         if statistics is None:
-            statistics_fn = lambda: self._kfac_statistics(x, y, sample_weight)  # noqa: E731
+            statistics_fn = lambda: self._kfac_statistics(x, y, sample_weight, y_pred)  # noqa: E731
         else:
             statistics_fn = lambda: statistics  # noqa: E731
         num_examples = tf.shape(keras.tree.flatten(x)[0])[0]

@@ -147,12 +147,8 @@ def test_sampled_g_follows_the_losss_reduction():
 
 
 WEIGHTS = np.tile([0.0, 1.0, 4.0, 0.5], M // 4)
-NEEDS_MODEL = pytest.mark.xfail(
-    strict=True, reason="keras_kfac.model does not yet pass y_true and sample_weight to keras_kfac.losses"
-)
 
 
-@NEEDS_MODEL
 @pytest.mark.parametrize("weighting", ["sample_weight", "class_weight"])
 def test_sampled_g_honours_sample_and_class_weights(weighting):
     """G = Σ_i c_i H_i with c_i = s_i / M; class weights arrive as sample weights."""
@@ -166,7 +162,6 @@ def test_sampled_g_honours_sample_and_class_weights(weighting):
     assert np.abs(g - expected).max() < 0.012 * WEIGHTS.max(), np.abs(g - expected).max()
 
 
-@NEEDS_MODEL
 def test_sampled_g_with_ignore_class():
     """Examples labelled ignore_class have no loss, so no curvature, and leave the mean."""
     labels = lambda rng: np.where(np.arange(M) % 4 == 0, 9, np.arange(M) % 3)  # noqa: E731
@@ -177,7 +172,6 @@ def test_sampled_g_with_ignore_class():
     assert np.abs(g - expected).max() < 0.015, np.abs(g - expected).max()
 
 
-@NEEDS_MODEL
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
 def test_empirical_g_honours_sample_weight_and_reduction(reduction):
     """Empirical G = (1/M) Σ m c_i ∇ℓ_i ∇ℓ_iᵀ, ∇ℓ_i = p_i − e_{y_i} (was (1/M) Σ (m c_i)² ∇ℓ ∇ℓᵀ)."""
