@@ -14,15 +14,15 @@ skipped_steps) are written for `tensorboard --logdir DIR`.
 from __future__ import annotations
 
 import argparse
-import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import quiet_tensorflow  # noqa: F401  (before TensorFlow: drops its start-up INFO lines, keeps errors)
 
-import keras  # noqa: E402
+# isort: split
+import keras
 
-import keras_kfac  # noqa: E402
-from keras_kfac.datasets import fashion_mnist  # noqa: E402
-from keras_kfac.models import alexnet  # noqa: E402
+import keras_kfac
+from keras_kfac.datasets import fashion_mnist
+from keras_kfac.models import alexnet
 
 # Learning rates chosen by the validation sweep of benchmarks/compare_optimizers.py (batch 128).
 ADAM_LEARNING_RATE = 3e-3
@@ -39,15 +39,28 @@ def make_optimizer(name: str) -> keras.optimizers.Optimizer:
     raise ValueError(f"unknown optimizer {name!r}")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1 (`--epochs 0`, `--epochs -1`, `--batch-size -5` are errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizer", choices=["kfac", "adam", "sgd"], default="kfac")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=positive_int, default=5)
+    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--data-dir", default=None, help="folder with the four official IDX .gz files")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps-per-epoch", type=int, default=None, help="shorten each epoch (for smoke tests)")
-    parser.add_argument("--test-examples", type=int, default=None, help="evaluate on the first N test images")
+    parser.add_argument(
+        "--steps-per-epoch", type=positive_int, default=None, help="shorten each epoch (for smoke tests)"
+    )
+    parser.add_argument("--test-examples", type=positive_int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
     parser.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard logs to DIR")
     args = parser.parse_args(argv)
@@ -65,8 +78,17 @@ def main(argv=None) -> dict:
     if args.optimizer == "kfac":
         model.kfac_summary()
     callbacks = [keras.callbacks.TensorBoard(args.tensorboard)] if args.tensorboard else []
+    # One iterator over a repeated pipeline for the whole fit (each pass is reshuffled and ends
+    # with its partial batch of 60000 % batch_size images): on a finite dataset Keras starts a new
+    # iterator every epoch, and freeing the previous one held the first step of later epochs for
+    # 9-39 s on 2 loaded CPU cores.
     history = model.fit(
-        train, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, verbose=args.verbose, callbacks=callbacks
+        train.repeat(),
+        epochs=args.epochs,
+        steps_per_epoch=args.steps_per_epoch or int(train.cardinality()),
+        verbose=args.verbose,
+        callbacks=callbacks,
+        shuffle=False,  # the pipeline itself reshuffles every epoch; Keras would warn that it ignores shuffle=True
     )
     loss, accuracy = model.evaluate(test, verbose=0)
     print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f} ({args.optimizer}, {args.epochs} epochs)")

@@ -1,5 +1,8 @@
 """The shortest complete use of keras-kfac: a small classifier on synthetic data."""
 
+import quiet_tensorflow  # noqa: F401  (before TensorFlow: drops its start-up INFO lines, keeps errors)
+
+# isort: split
 import keras
 import numpy as np
 

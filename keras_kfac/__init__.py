@@ -7,7 +7,7 @@ model.fit(...)
 
 import keras as _keras
 
-from keras_kfac import models
+from keras_kfac import losses, models
 from keras_kfac.blocks import (
     BlockOptions,
     Conv2DBlock,
@@ -18,6 +18,7 @@ from keras_kfac.blocks import (
     registered_blocks,
 )
 from keras_kfac.discovery import discover_blocks
+from keras_kfac.losses import register_loss
 from keras_kfac.model import FunctionalModel, Model, Sequential, WrappedModel, wrap
 from keras_kfac.optimizer import KFAC
 
@@ -34,6 +35,8 @@ __all__ = [
     "WrappedModel",
     "wrap",
     "models",
+    "losses",
+    "register_loss",
     "discover_blocks",
     "register_block",
     "registered_blocks",

@@ -4,18 +4,24 @@ Each entry says why no public API does the job, so that an upgrade of Keras or T
 breaks one of them breaks here.  Elsewhere the package uses public APIs only, except the
 private hooks it overrides in `keras_kfac.model.KFACTrainStep` (`_make_function`,
 `_maybe_symbolic_build`) and `keras_kfac.optimizer.KFAC` (`_backend_update_step`,
-`_clip_gradients`), whose bodies call the helpers below.
+`_clip_gradients`), whose bodies call the helpers below, and the members that Keras' own
+optimizer subclasses use to find a variable's state and to count steps (`_var_key`,
+`_trainable_variables`, `_iterations`), for which the optimizer API has no public form.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution as _unscale_loss
+from keras.src.losses.losses import LossFunctionWrapper
 from keras.src.models.functional import Functional
 from keras.src.models.model import functional_init_arguments
 
 __all__ = [
     "Functional",
+    "LossFunctionWrapper",
+    "loss_function_kwargs",
+    "sublayers",
     "functional_init_arguments",
     "unscale_loss_for_distribution",
     "leaf_layers",
@@ -34,6 +40,8 @@ __all__ = [
     "loss_input",
 ]
 
+# `LossFunctionWrapper` (the class of Keras' built-in losses made from a function; not exported)
+# tells which function a loss object computes, so that keras_kfac.losses can recognise it.
 # `Functional` (the class of functional models) and `functional_init_arguments` (whether
 # Model(...) was called with inputs/outputs) have no public alias; `keras_kfac.Model(inputs,
 # outputs)` must return a functional model as `keras.Model` does.
@@ -49,7 +57,7 @@ def leaf_layers(model) -> list:
     """Every layer of `model` that has no sublayers, recursively (nested models and layers that
     hold layers as attributes included).  `model.layers` lists only direct children; Keras'
     own recursive walk `_flatten_layers` and the `_layers` list are private."""
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True) if not layer._layers]
+    return [layer for layer in sublayers(model) if not layer._layers]
 
 
 def symbolic_build(model, data_batch) -> None:
@@ -179,3 +187,14 @@ def loss_input(output):
     carries its logits as `_keras_logits`, and Keras' cross-entropies use those (so the loss has
     no gradient with respect to the probabilities themselves)."""
     return getattr(output, "_keras_logits", output)
+
+
+def loss_function_kwargs(loss) -> dict:
+    """The keyword arguments a `LossFunctionWrapper` passes to its function (`from_logits`,
+    `label_smoothing`, ...); its `get_config` lists most of them, this attribute all."""
+    return dict(getattr(loss, "_fn_kwargs", None) or {})
+
+
+def sublayers(layer) -> list:
+    """Every layer inside `layer`, recursively (Keras' `_flatten_layers`; no public walk)."""
+    return list(layer._flatten_layers(include_self=False, recursive=True))

@@ -34,9 +34,9 @@ def excluded(layer, exclude) -> bool:
 def _inside_rnn(model) -> set:
     """ids of the layers that a `keras.layers.RNN` (LSTM, GRU, custom cells) calls in its loop."""
     inside = set()
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in _private.sublayers(model):
         if isinstance(layer, keras.layers.RNN):
-            inside.update(id(sub) for sub in layer._flatten_layers(include_self=False, recursive=True))
+            inside.update(id(sub) for sub in _private.sublayers(layer))
     return inside
 
 

@@ -51,7 +51,8 @@ import copy
 
 import keras
 import tensorflow as tf
-from keras.src.losses.losses import LossFunctionWrapper
+
+from keras_kfac._private import LossFunctionWrapper, loss_function_kwargs
 
 __all__ = [
     "OutputLoss",
@@ -120,7 +121,7 @@ class OutputLoss:
     @classmethod
     def from_keras(cls, loss) -> OutputLoss:
         """An instance for `loss`, a Keras `Loss` object or a plain loss function."""
-        kwargs = dict(getattr(loss, "_fn_kwargs", None) or {})
+        kwargs = loss_function_kwargs(loss)
         unknown = sorted(set(kwargs) - set(cls.options))
         if unknown:
             raise ValueError(f"{cls.__name__} does not support the argument(s) {unknown} of the loss {loss!r}.")

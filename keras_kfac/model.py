@@ -378,7 +378,7 @@ class WrappedModel(Model):
         self.model = model
 
     def call(self, inputs, training=None):
-        if self.model._call_has_training_arg:
+        if _private.call_has_training_arg(self.model):
             return self.model(inputs, training=training)
         return self.model(inputs)
 

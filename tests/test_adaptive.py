@@ -6,6 +6,7 @@ import os
 import keras
 import numpy as np
 import pytest
+import reference as ref
 import tensorflow as tf
 
 import keras_kfac
@@ -166,13 +167,16 @@ def test_solve_step_is_the_two_by_two_solution():
 
 
 def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
-    """Second step: δ = αΔ + μδ₀ with (α, μ) the 2×2 solution for the dense float64 F + λI and ∇."""
+    """Second step: δ = αΔ + μδ₀ with Δ = −(A ⊗ G + λI)⁻¹∇ from the optimizer's factors and a float64
+    gradient, and (α, μ) the 2×2 solution for the dense float64 F + λI and ∇."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 4)).astype("float32")
     y = rng.integers(0, 3, size=8)
     model = _model("softmax")
     lam = 0.05
-    opt = keras_kfac.KFAC(learning_rate=None, momentum=None, damping=lam, stats_every=1, inverse_every=1)
+    opt = keras_kfac.KFAC(
+        learning_rate=None, momentum=None, damping=lam, stats_every=1, inverse_every=1, damping_mode="eigen", graft=None
+    )
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     shapes = [v.shape for v in model.trainable_weights]
     flat = lambda: np.concatenate([p.ravel() for p in _params(model)])  # noqa: E731
@@ -184,13 +188,22 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
     alpha, mu = logs["learning_rate"][-1], logs["momentum"][-1]
     assert alpha > 0 and mu != 0
     prev, delta = theta1 - theta0, theta2 - theta1
-    direction = (delta - mu * prev) / alpha
     x64 = x.astype(np.float64)
     grad = np.zeros_like(theta1)
     for j in range(theta1.size):
         e = np.zeros_like(theta1)
         e[j] = 1e-6
         grad[j] = (_loss(theta1 + e, shapes, x64, y, "softmax") - _loss(theta1 - e, shapes, x64, y, "softmax")) / 2e-6
+    # Δ independently: each layer's [kernel; bias] gradient matrix through the damped Kronecker solve
+    # with the factors the second step used (statistics and inverses every step).
+    w1, b1, w2, b2 = _unflatten(grad, shapes)
+    kron = []
+    for layer, (kernel, bias) in zip(model.layers, [(w1, b1), (w2, b2)]):
+        a, g = (f.numpy().astype(np.float64) for f in opt.factors()[layer.name])
+        u = ref.kron_solve(a, g, np.concatenate([kernel, bias[None]]), lam, "eigen")
+        kron += [u[:-1], u[-1]]
+    direction = -np.concatenate([u.ravel() for u in kron])
+    np.testing.assert_allclose(delta, alpha * direction + mu * prev, rtol=2e-3, atol=1e-6 * np.abs(delta).max())
     c = _dense_fisher(theta1, shapes, x64, "softmax") + lam * np.eye(theta1.size)
     system = np.array([[direction @ c @ direction, direction @ c @ prev], [prev @ c @ direction, prev @ c @ prev]])
     solution = np.linalg.solve(system, -np.array([grad @ direction, grad @ prev]))

@@ -25,6 +25,13 @@ import keras_kfac
         (dict(graft="lamb"), "graft"),
         (dict(stats_batch_size=0), "stats_batch_size"),
         (dict(inverse_jit="yes"), "inverse_jit"),
+        (dict(damping=float("inf")), "damping"),
+        (dict(damping=float("nan")), "damping"),
+        (dict(learning_rate=float("inf")), "learning_rate"),
+        (dict(kl_clip=float("inf")), "kl_clip"),
+        (dict(max_factor_size=0), "max_factor_size"),
+        (dict(fallback="no_such_optimizer"), "fallback"),
+        (dict(fallback=3), "fallback"),
     ],
 )
 def test_invalid_hyperparameters_raise_naming_the_argument(kwargs, name):

@@ -26,6 +26,7 @@ def test_example_trains_on_a_slice_of_fashion_mnist(monkeypatch, tmp_path):
         load_arrays("fashion_mnist", data_dir)
     except DatasetNotFoundError as error:
         pytest.skip(f"Fashion-MNIST not found (install it with `apt-get install dataset-fashion-mnist`): {error}")
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))  # for its `import quiet_tensorflow`
     spec = importlib.util.spec_from_file_location(
         "fashion_mnist_example", os.path.join(ROOT, "examples", "fashion_mnist.py")
     )

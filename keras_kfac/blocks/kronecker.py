@@ -33,7 +33,8 @@ class KroneckerBlock(CurvatureBlock):
     def __init__(self, layer, options: BlockOptions | None = None):
         super().__init__(layer, options)
         self.kernel = layer.kernel
-        self.bias = layer.bias if getattr(layer, "use_bias", False) else None
+        bias = getattr(layer, "bias", None)
+        self.bias = bias if getattr(layer, "use_bias", True) and bias is not None else None
         self.in_features = int(math.prod(self.kernel.shape[:-1]))
         self.out_features = int(self.kernel.shape[-1])
         limit = self.options.max_factor_size
@@ -51,7 +52,7 @@ class KroneckerBlock(CurvatureBlock):
             return "LoRA is enabled"
         if not layer.trainable or not layer.kernel.trainable:
             return "not trainable"
-        if getattr(layer, "use_bias", False) and not layer.bias.trainable:
+        if getattr(layer, "use_bias", True) and getattr(layer, "bias", None) is not None and not layer.bias.trainable:
             return "bias not trainable"
         return None
 
@@ -77,7 +78,8 @@ class KroneckerBlock(CurvatureBlock):
         def recorded(inputs, *args, **kwargs):
             pre = self.preactivation(inputs)
             record(inputs, pre)
-            return layer.activation(pre) if layer.activation is not None else pre
+            activation = getattr(layer, "activation", None)
+            return activation(pre) if activation is not None else pre
 
         return recorded
 
