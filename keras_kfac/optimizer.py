@@ -606,13 +606,14 @@ class KFAC(keras.optimizers.Optimizer):
         return self._function("inverses", self._update_inverses, self.inverse_in_xla)()
 
     # -- phases 3 and 4: directions, graft and KL clip -----------------------------------
-    def precondition(self, grads, variables, learning_rate) -> list:
-        """Maps gradients to K-FAC directions U (per variable; grafting and the KL clip
-        applied); variables without a block keep their gradient."""
+    def precondition(self, grads, variables, learning_rate, kl_clip: bool = True) -> list:
+        """Maps gradients to K-FAC directions U (per variable; grafting and, unless `kl_clip` is
+        False, the KL clip applied); variables without a block keep their gradient."""
         by_key = {self._var_key(v): g for g, v in zip(grads, variables)}
         directions = self._directions_phase(by_key)
         directions = self._graft_phase(directions, by_key)
-        directions = self._kl_clip_phase(directions, by_key, learning_rate)
+        if kl_clip:
+            directions = self._kl_clip_phase(directions, by_key, learning_rate)
         for block, parts in directions.items():
             for v, part in zip(block.variables, parts):
                 by_key[self._var_key(v)] = part
@@ -744,7 +745,8 @@ class KFAC(keras.optimizers.Optimizer):
         fallback optimizer's step on the others, fixed).  Returns (directions, α)."""
         step = self._state.step
         batch = step["batch"]
-        directions = self.precondition(grads, variables, self.learning_rate)
+        # With an automatic α the KL bound applies to the chosen step, below.
+        directions = self.precondition(grads, variables, self.learning_rate, kl_clip=not self.auto_learning_rate)
         raw = step["raw_grads"]
         fallback = step.get("fallback_step", {})
         by_key = {self._var_key(v): tf.cast(d, tf.float32) for v, d in zip(variables, directions)}
