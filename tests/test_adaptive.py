@@ -62,6 +62,16 @@ def _loss(theta, shapes, x, y, kind):
     raise NotImplementedError(kind)
 
 
+def _gradient(theta, shapes, x, y, kind, eps=1e-6):
+    """∇ of the mean loss by central differences (float64)."""
+    grad = np.zeros_like(theta)
+    for j in range(theta.size):
+        e = np.zeros_like(theta)
+        e[j] = eps
+        grad[j] = (_loss(theta + e, shapes, x, y, kind) - _loss(theta - e, shapes, x, y, kind)) / (2 * eps)
+    return grad
+
+
 def _dense_fisher(theta, shapes, x, kind, coefficients=None):
     """F = Σ kᵢ Jᵢᵀ Hᵢ Jᵢ / m with J the Jacobian of the last layer's pre-activation (central
     differences) and kᵢ = m cᵢ the example's coefficient in the loss (1 by default)."""
@@ -189,11 +199,7 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
     assert alpha > 0 and mu != 0
     prev, delta = theta1 - theta0, theta2 - theta1
     x64 = x.astype(np.float64)
-    grad = np.zeros_like(theta1)
-    for j in range(theta1.size):
-        e = np.zeros_like(theta1)
-        e[j] = 1e-6
-        grad[j] = (_loss(theta1 + e, shapes, x64, y, "softmax") - _loss(theta1 - e, shapes, x64, y, "softmax")) / 2e-6
+    grad = _gradient(theta1, shapes, x64, y, "softmax")
     # Δ independently: each layer's [kernel; bias] gradient matrix through the damped Kronecker solve
     # with the factors the second step used (statistics and inverses every step).
     w1, b1, w2, b2 = _unflatten(grad, shapes)

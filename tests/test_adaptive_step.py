@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 import reference as ref
-from test_adaptive import _dense_fisher, _loss, _model, _params
+from exact import exact_kfac
+from test_adaptive import _dense_fisher, _gradient, _model, _params
 
 import keras_kfac
 
@@ -20,19 +21,8 @@ def _data(m=8, seed=2):
 
 
 def _exact_adaptive(**kwargs):
-    settings = dict(
-        learning_rate=None,
-        momentum=0.0,
-        damping=LAM,
-        stats_decay=0.0,
-        stats_every=1,
-        inverse_every=1,
-        fisher="empirical",
-        damping_mode="eigen",
-        graft=None,
-        stats_batch_size=None,
-    )
-    return keras_kfac.KFAC(**{**settings, **kwargs})
+    """One exact K-FAC direction per step (tests/exact.py) with an automatic α."""
+    return exact_kfac(**{"learning_rate": None, "damping": LAM, **kwargs})
 
 
 def _reference(model, x, y):
@@ -100,11 +90,7 @@ def test_the_quadratic_model_includes_the_fallback_optimizers_own_step():
     assert np.abs(fallback_step).max() > 1e-3  # the fallback's momentum makes a step M must see
     direction = np.where(own, (theta2 - theta1 - mu * prev) / alpha, 0.0)
     x64 = x.astype(np.float64)
-    grad = np.zeros_like(theta1)
-    for j in range(theta1.size):
-        e = np.zeros_like(theta1)
-        e[j] = 1e-6
-        grad[j] = (_loss(theta1 + e, shapes, x64, y, "softmax") - _loss(theta1 - e, shapes, x64, y, "softmax")) / 2e-6
+    grad = _gradient(theta1, shapes, x64, y, "softmax")
     c = _dense_fisher(theta1, shapes, x64, "softmax") + LAM * np.eye(theta1.size)
     tangents = [direction, prev]
     system = np.array([[a @ c @ b for b in tangents] for a in tangents])
