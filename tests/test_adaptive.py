@@ -62,6 +62,19 @@ def _loss(theta, shapes, x, y, kind):
     raise NotImplementedError(kind)
 
 
+def _two_steps(model, opt, x, y):
+    """Compiles, takes two steps on the batch (x, y); returns the weight shapes, the flat weights
+    before, between and after them, and the α, μ of the second step."""
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    shapes = [v.shape for v in model.trainable_weights]
+    flat = lambda: np.concatenate([p.ravel() for p in _params(model)])  # noqa: E731
+    theta0 = flat()
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    theta1 = flat()
+    logs = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    return shapes, theta0, theta1, flat(), logs["learning_rate"][-1], logs["momentum"][-1]
+
+
 def _gradient(theta, shapes, x, y, kind, eps=1e-6):
     """∇ of the mean loss by central differences (float64)."""
     grad = np.zeros_like(theta)
@@ -187,15 +200,7 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
     opt = keras_kfac.KFAC(
         learning_rate=None, momentum=None, damping=lam, stats_every=1, inverse_every=1, damping_mode="eigen", graft=None
     )
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    shapes = [v.shape for v in model.trainable_weights]
-    flat = lambda: np.concatenate([p.ravel() for p in _params(model)])  # noqa: E731
-    theta0 = flat()
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    theta1 = flat()
-    logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
-    theta2 = flat()
-    alpha, mu = logs["learning_rate"][-1], logs["momentum"][-1]
+    shapes, theta0, theta1, theta2, alpha, mu = _two_steps(model, opt, x, y)
     assert alpha > 0 and mu != 0
     prev, delta = theta1 - theta0, theta2 - theta1
     x64 = x.astype(np.float64)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 from exact import exact_kfac
-from test_adaptive import _dense_fisher, _gradient, _model, _params
+from test_adaptive import _dense_fisher, _gradient, _model, _two_steps
 
 import keras_kfac
 
@@ -74,15 +74,7 @@ def test_the_quadratic_model_includes_the_fallback_optimizers_own_step():
         learning_rate=None, momentum=None, damping=LAM, stats_every=1, inverse_every=1, graft="sgd",
         exclude=[first], fallback=keras.optimizers.SGD(0.5, momentum=0.9),
     )  # fmt: skip
-    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
-    shapes = [v.shape for v in model.trainable_weights]
-    flat = lambda: np.concatenate([p.ravel() for p in _params(model)])  # noqa: E731
-    theta0 = flat()
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
-    theta1 = flat()
-    logs = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
-    theta2 = flat()
-    alpha, mu = logs["learning_rate"][-1], logs["momentum"][-1]
+    shapes, theta0, theta1, theta2, alpha, mu = _two_steps(model, opt, x, y)
     split = int(np.prod(shapes[0]) + np.prod(shapes[1]))  # the first layer's kernel and bias
     own = np.arange(theta1.size) >= split
     prev = np.where(own, theta1 - theta0, 0.0)
