@@ -38,6 +38,7 @@ __all__ = [
     "uses_weight_decay",
     "track_variable",
     "loss_input",
+    "keras_mask",
 ]
 
 # `LossFunctionWrapper` (the class of Keras' built-in losses made from a function; not exported)
@@ -198,3 +199,9 @@ def loss_function_kwargs(loss) -> dict:
 def sublayers(layer) -> list:
     """Every layer inside `layer`, recursively (Keras' `_flatten_layers`; no public walk)."""
     return list(layer._flatten_layers(include_self=False, recursive=True))
+
+
+def keras_mask(tensor):
+    """The Keras mask a layer attached to a tensor (padded sequence positions), or None; Keras'
+    losses apply it (`keras.src.backend.get_keras_mask`, not exported)."""
+    return getattr(tensor, "_keras_mask", None)

@@ -38,8 +38,10 @@ Each of the first, second and fourth accepts `coefficients=k` instead of recompu
 `k[:n]` of the whole batch when the statistics use only its first n examples (G then stays an
 unbiased estimate of the whole batch's Hessian). `dL_dy_pred` is the gradient of the unscaled
 replica loss L (the one `model.compute_loss` returns, before any loss scaling) with respect to
-this output. The sampled Fisher supports outputs of shape (batch, units); the coefficients and
-`fisher_product` also take outputs of higher rank (one coefficient per position, as Keras reduces).
+this output. Outputs of any rank work: every leading axis is a position (a token of a sequence,
+a pixel), each position is drawn independently and has its own coefficient, as Keras reduces
+the loss values; a Keras mask on the output (`output_mask`, padded positions) enters the
+coefficients as `ignore_class` does.
 
 Custom losses: subclass `OutputLoss` (implement `draw`, `unit_gradients`, `hessian_product`) and
 `register_loss(my_keras_loss_function_or_class, MyOutputLoss)`.
@@ -157,14 +159,21 @@ class OutputLoss:
         return None
 
     # ------------------------------------------------------------------ coefficients
-    def example_coefficients(self, y_true, sample_weight, batch_size, values_shape=None, dtype=tf.float32) -> tf.Tensor:
+    def example_coefficients(
+        self, y_true, sample_weight, batch_size, values_shape=None, dtype=tf.float32, output_mask=None
+    ) -> tf.Tensor:
         """k_i = M c_i (see the module doc), shape (batch_size,) for outputs of rank 2 (in general
-        `values_shape`, the shape of the loss values: the output's shape without its last axis);
-        includes the loss weight and the reduction. `y_true` is used only by losses with a mask."""
+        `values_shape`, the shape of the loss values: the output's shape without its last axis,
+        one coefficient per position); includes the loss weight and the reduction. `y_true` is
+        used only by losses with a mask; `output_mask` is the Keras mask of the output (padded
+        positions of a sequence), which Keras' loss applies as it applies `ignore_class`."""
         if values_shape is None:
             values_shape = tf.reshape(tf.cast(batch_size, tf.int32), [1])
         ones = tf.ones(values_shape, dtype)
         mask = self.example_mask(y_true)
+        if output_mask is not None:
+            output_mask = tf.reshape(tf.cast(output_mask, dtype), tf.shape(ones))
+            mask = output_mask if mask is None else tf.reshape(tf.cast(mask, dtype), tf.shape(ones)) * output_mask
         weights = ones if sample_weight is None else _broadcast_weights(sample_weight, ones)
         if mask is not None:
             mask = tf.reshape(tf.cast(mask, dtype), tf.shape(ones))
@@ -183,29 +192,33 @@ class OutputLoss:
             k = float(_replicas()) * m * weights
         return k * self.weight
 
-    def _coefficients(self, y_pred, y_true, sample_weight, coefficients):
+    def _coefficients(self, y_pred, y_true, sample_weight, coefficients, output_mask=None):
         shape = tf.shape(y_pred)[:-1]
         if coefficients is None:
-            coefficients = self.example_coefficients(y_true, sample_weight, shape[0], shape, dtype=y_pred.dtype)
+            coefficients = self.example_coefficients(
+                y_true, sample_weight, shape[0], shape, dtype=y_pred.dtype, output_mask=output_mask
+            )
         k = tf.cast(coefficients, y_pred.dtype)
         return tf.reshape(k, tf.concat([shape, [1]], 0))
 
     # ------------------------------------------------------------------ the three statistics
-    def sample_output_gradients(self, y_pred, y_true, sample_weight, seed, coefficients=None) -> tf.Tensor:
-        """g = √k_i s_i per example: E[g gᵀ] = M c_i H_i (float32, shape of `y_pred`).
+    def sample_output_gradients(
+        self, y_pred, y_true, sample_weight, seed, coefficients=None, output_mask=None
+    ) -> tf.Tensor:
+        """g = √k_i s_i per example (per position for outputs of rank > 2, each position drawn
+        independently): E[g gᵀ] = M c_i H_i (float32, shape of `y_pred`).
 
         `seed` is a stateless-random seed (shape (2,) int): the same seed draws the same targets,
         also under XLA. `y_true` is needed by losses with a mask (ignore_class)."""
         y = _float(y_pred)
-        _check_rank_two(y)
-        k = self._coefficients(y, y_true, sample_weight, coefficients)
+        k = self._coefficients(y, y_true, sample_weight, coefficients, output_mask)
         return self.unit_gradients(y, self.draw(y, seed)) * tf.sqrt(tf.maximum(k, 0.0))
 
-    def fisher_product(self, y_pred, y_true, sample_weight, u, coefficients=None) -> tf.Tensor:
+    def fisher_product(self, y_pred, y_true, sample_weight, u, coefficients=None, output_mask=None) -> tf.Tensor:
         """k_i H_i u_i per example (float32, shape of `y_pred`); summed over examples and divided
         by M it is the output-space Hessian (GGN) of Keras' loss applied to u."""
         y = _float(y_pred)
-        k = self._coefficients(y, y_true, sample_weight, coefficients)
+        k = self._coefficients(y, y_true, sample_weight, coefficients, output_mask)
         return self.hessian_product(y, tf.cast(u, y.dtype)) * k
 
     def empirical_output_gradients(self, gradient, y_true, sample_weight, coefficients=None) -> tf.Tensor:
@@ -216,14 +229,6 @@ class OutputLoss:
         global_batch = tf.cast(tf.shape(gradient)[0] * _replicas(), gradient.dtype)
         factor = tf.math.divide_no_nan(global_batch, tf.sqrt(tf.maximum(k, 0.0)))
         return gradient * factor
-
-
-def _check_rank_two(y):
-    if y.shape.rank != 2:
-        raise ValueError(
-            "fisher='sampled' supports outputs of shape (batch, units); got an output of rank "
-            f"{y.shape.rank}. Use fisher='empirical' for this model."
-        )
 
 
 def _broadcast_weights(sample_weight, ones):
@@ -401,12 +406,14 @@ class NoLoss(OutputLoss):
     def hessian_product(self, y_pred, u):
         return tf.zeros_like(u)
 
-    def example_coefficients(self, y_true, sample_weight, batch_size, values_shape=None, dtype=tf.float32):
+    def example_coefficients(
+        self, y_true, sample_weight, batch_size, values_shape=None, dtype=tf.float32, output_mask=None
+    ):
         if values_shape is None:
             values_shape = tf.reshape(tf.cast(batch_size, tf.int32), [1])
         return tf.zeros(values_shape, dtype)
 
-    def _coefficients(self, y_pred, y_true, sample_weight, coefficients):
+    def _coefficients(self, y_pred, y_true, sample_weight, coefficients, output_mask=None):
         return tf.zeros(tf.concat([tf.shape(y_pred)[:-1], [1]], 0), y_pred.dtype)
 
 

@@ -175,7 +175,9 @@ class KFACTrainStep:
         ys = losses_lib.per_output(y, len(outputs))
         weights = losses_lib.per_output(sample_weight, len(outputs))
         return [
-            loss.example_coefficients(y_o, w_o, tf.shape(out)[0])
+            loss.example_coefficients(
+                y_o, w_o, tf.shape(out)[0], tf.shape(out)[:-1], output_mask=_private.keras_mask(out)
+            )
             for loss, out, y_o, w_o in zip(output_losses, outputs, ys, weights)
         ]
 

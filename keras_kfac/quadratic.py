@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from keras_kfac._private import keras_mask
 from keras_kfac.losses import per_output
 
 
@@ -54,7 +55,7 @@ class BatchQuadratic:
         outputs, jvps = self.jvps(tangents)
         hj = [
             [
-                tf.cast(s.fisher_product(tf.stop_gradient(o), t, w, j), tf.float32)
+                tf.cast(s.fisher_product(tf.stop_gradient(o), t, w, j, output_mask=keras_mask(o)), tf.float32)
                 for s, o, t, w, j in zip(self.specs, outputs, self.targets, self.sample_weights, js)
             ]
             for js in jvps

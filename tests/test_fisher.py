@@ -194,3 +194,25 @@ def test_sampled_fisher_refuses_a_loss_subclass_that_changes_the_loss():
     model.compile(optimizer=keras_kfac.KFAC(), loss=_TenTimes(from_logits=True))
     with pytest.raises(ValueError, match="_TenTimes overrides call.*fisher='empirical'.*register_loss"):
         model.fit(np.zeros((4, 3)), np.zeros(4), verbose=0)
+
+
+def test_sampled_fisher_trains_a_per_token_classifier_with_padding():
+    """Outputs (batch, time, classes) with a Keras mask (mask_zero): the default KFAC() samples
+    one target per position; padded positions carry no curvature."""
+    rng = np.random.default_rng(5)
+    tokens = rng.integers(1, 20, size=(64, 6))
+    tokens[:, 4:] = 0  # padding
+    labels = tokens % 3
+    model = keras_kfac.Sequential(
+        [
+            keras.Input((6,), dtype="int32"),
+            keras.layers.Embedding(20, 8, mask_zero=True),
+            keras.layers.Dense(16, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer=keras_kfac.KFAC(learning_rate=0.05), loss="sparse_categorical_crossentropy")
+    history = model.fit(tokens, labels, batch_size=16, epochs=6, verbose=0).history["loss"]
+    assert np.all(np.isfinite(history)) and history[-1] < 0.7 * history[0]
+    opt = model.optimizer
+    assert [b.name for b in opt.blocks] == [model.layers[1].name, model.layers[2].name]

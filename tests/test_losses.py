@@ -436,7 +436,54 @@ def test_resolve_losses_follows_compile_conventions():
         kl.resolve_losses(["mse", "mse"], None, ["a", "b", "c"])
 
 
-def test_sampled_fisher_rejects_outputs_of_higher_rank():
-    loss = kl.resolve_loss("mse")
-    with pytest.raises(ValueError, match="rank 3.*empirical"):
-        loss.sample_output_gradients(tf.zeros((2, 4, 3)), None, None, seed=[0, 0])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "mask"])
+def test_per_position_sampling_of_sequence_outputs_matches_keras_hessian(float64, reduction, masked):
+    """Outputs (m, T, C): every position is drawn on its own; with a Keras mask (padding) and
+    sample weights, E[g gᵀ] per example is m × the Hessian block of Keras' loss in the logits."""
+    rng = np.random.default_rng(7)
+    m, steps, classes = 4, 3, 3
+    z = rng.normal(size=(m, steps * classes))
+    y_true = rng.integers(0, classes, size=(m, steps))
+    sw = np.array([[1.0], [0.5], [2.0], [0.0]])  # Keras needs (m, 1) to broadcast over the positions
+    mask = np.array([[1, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]], bool) if masked else None
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+    compiled = _compiled(loss)
+
+    def with_mask(flat):
+        y = tf.reshape(flat, (m, steps, classes))
+        if mask is not None:
+            y._keras_mask = tf.constant(mask)
+        return y
+
+    hessian = _hessian_blocks(lambda y: compiled(tf.constant(y_true), y, sample_weight=tf.constant(sw)), z, with_mask)
+    output_loss = kl.resolve_loss(loss)
+    y_pred = z.reshape(m, steps, classes)
+    p = _softmax(y_pred)
+    expected = np.zeros((m, steps * classes, steps * classes))
+    for c in range(classes):
+        patched = copy.copy(output_loss)
+        patched.draw = lambda y, seed, c=c: tf.fill(tf.shape(y)[:-1], c)
+        g = patched.sample_output_gradients(
+            tf.constant(y_pred), tf.constant(y_true), tf.constant(sw), seed=[0, 0],
+            output_mask=None if mask is None else tf.constant(mask),
+        ).numpy()  # fmt: skip
+        for t in range(steps):
+            block = slice(t * classes, (t + 1) * classes)
+            expected[:, block, block] += p[:, t, c][:, None, None] * np.einsum("ij,ik->ijk", g[:, t], g[:, t])
+    np.testing.assert_allclose(expected, m * hessian, rtol=1e-6, atol=1e-12)
+    # The quadratic model's product agrees with it.
+    product = np.stack(
+        [
+            output_loss.fisher_product(
+                tf.constant(y_pred),
+                tf.constant(y_true),
+                tf.constant(sw),
+                tf.constant(np.eye(steps * classes)[j].reshape(1, steps, classes).repeat(m, 0)),
+                output_mask=None if mask is None else tf.constant(mask),
+            ).numpy().reshape(m, -1)
+            for j in range(steps * classes)
+        ],
+        axis=-1,
+    )  # fmt: skip
+    np.testing.assert_allclose(product, m * hessian, rtol=1e-6, atol=1e-12)
