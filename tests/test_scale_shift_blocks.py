@@ -247,13 +247,15 @@ def test_recording_call_is_the_layers_call(kind, cfg, shape, kwargs, graph):
 @pytest.mark.parametrize(
     "settings,bn",
     [
-        ("exact", dict()),
         ("exact", dict(renorm=True, renorm_clipping=RENORM_CLIPPING)),
         ("default", dict(momentum=0.5)),
     ],
-    ids=["exact", "exact-renorm", "default-kfac"],
+    ids=["exact-renorm", "default-kfac"],
 )
 def test_batchnorm_moving_statistics_move_once_as_in_keras(settings, bn):
+    """One step of K-FAC moves the moving statistics exactly as one step of plain Keras: the
+    recording in the training pass (exact settings: statistics from the whole batch) and the
+    separate statistics pass (default KFAC(), whose changes are put back)."""
     rng = np.random.default_rng(7)
     x = (rng.normal(size=(16, 5)) + 2.0).astype("float32")
     labels = rng.integers(0, 3, size=16)
@@ -278,9 +280,11 @@ def test_batchnorm_moving_statistics_move_once_as_in_keras(settings, bn):
 
 # ----------------------------------------------------------------------------- training
 def _fit_losses(model, x, y, epochs):
-    model.compile(optimizer=keras_kfac.KFAC(learning_rate=0.01), loss="sparse_categorical_crossentropy")
-    history = model.fit(x, y, batch_size=32, epochs=epochs, shuffle=False, verbose=0)
-    return history.history["loss"]
+    """Per-epoch losses of `fit` with the default KFAC(); checks they are finite and fall."""
+    model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    losses = model.fit(x, y, batch_size=32, epochs=epochs, shuffle=False, verbose=0).history["loss"]
+    assert np.isfinite(losses).all() and all(b < a for a, b in zip(losses, losses[1:]))
+    return losses
 
 
 def test_cnn_with_batchnorm_trains():
@@ -301,7 +305,7 @@ def test_cnn_with_batchnorm_trains():
     losses = _fit_losses(model, x, y, epochs=4)
     assert [b.kind for b in model.optimizer.blocks] == ["Conv2DBlock", "BatchNormalizationBlock", "DenseBlock"]
     assert model.optimizer.fallback_layers == []
-    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.7 * losses[0]
 
 
 def test_transformer_block_with_layernorm_trains():
@@ -319,4 +323,4 @@ def test_transformer_block_with_layernorm_trains():
     losses = _fit_losses(model, x, y, epochs=4)
     kinds = [b.kind for b in model.optimizer.blocks]
     assert kinds.count("LayerNormalizationBlock") == 2
-    assert np.isfinite(losses).all() and losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.85 * losses[0]
