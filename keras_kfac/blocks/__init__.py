@@ -5,6 +5,13 @@ from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
 from keras_kfac.blocks.registry import block_for_layer, register_block, registered_blocks
+from keras_kfac.blocks.scale_shift import (
+    BatchNormalizationBlock,
+    FeatureBlock,
+    GroupNormalizationBlock,
+    LayerNormalizationBlock,
+    ScaleShiftBlock,
+)
 
 __all__ = [
     "BlockOptions",
@@ -12,6 +19,11 @@ __all__ = [
     "KroneckerBlock",
     "DenseBlock",
     "Conv2DBlock",
+    "FeatureBlock",
+    "ScaleShiftBlock",
+    "LayerNormalizationBlock",
+    "BatchNormalizationBlock",
+    "GroupNormalizationBlock",
     "block_for_layer",
     "register_block",
     "registered_blocks",

@@ -13,6 +13,7 @@ import keras
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.scale_shift import BatchNormalizationBlock, GroupNormalizationBlock, LayerNormalizationBlock
 
 _BLOCKS: dict[type, type] = {}
 
@@ -50,3 +51,6 @@ def block_for_layer(layer, options: BlockOptions | None = None) -> tuple[Curvatu
 
 register_block(keras.layers.Dense, DenseBlock)
 register_block(keras.layers.Conv2D, Conv2DBlock)
+register_block(keras.layers.LayerNormalization, LayerNormalizationBlock)
+register_block(keras.layers.BatchNormalization, BatchNormalizationBlock)
+register_block(keras.layers.GroupNormalization, GroupNormalizationBlock)
