@@ -13,6 +13,8 @@ import keras
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.einsum_dense import EinsumDenseBlock
+from keras_kfac.blocks.embedding import EmbeddingBlock
 
 _BLOCKS: dict[type, type] = {}
 
@@ -50,3 +52,5 @@ def block_for_layer(layer, options: BlockOptions | None = None) -> tuple[Curvatu
 
 register_block(keras.layers.Dense, DenseBlock)
 register_block(keras.layers.Conv2D, Conv2DBlock)
+register_block(keras.layers.Embedding, EmbeddingBlock)
+register_block(keras.layers.EinsumDense, EinsumDenseBlock)
