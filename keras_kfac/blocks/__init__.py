@@ -3,6 +3,14 @@
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.einsum_dense import (
+    DenseReduceBlock,
+    EinsumDenseBlock,
+    EinsumDenseReduceBlock,
+    use_kfac_expand,
+    use_kfac_reduce,
+)
+from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
 from keras_kfac.blocks.registry import block_for_layer, register_block, registered_blocks
 from keras_kfac.blocks.scale_shift import (
@@ -18,12 +26,18 @@ __all__ = [
     "CurvatureBlock",
     "KroneckerBlock",
     "DenseBlock",
+    "DenseReduceBlock",
     "Conv2DBlock",
     "FeatureBlock",
     "ScaleShiftBlock",
     "LayerNormalizationBlock",
     "BatchNormalizationBlock",
     "GroupNormalizationBlock",
+    "EinsumDenseBlock",
+    "EinsumDenseReduceBlock",
+    "EmbeddingBlock",
+    "use_kfac_expand",
+    "use_kfac_reduce",
     "block_for_layer",
     "register_block",
     "registered_blocks",

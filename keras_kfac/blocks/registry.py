@@ -13,6 +13,8 @@ import keras
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.einsum_dense import EinsumDenseBlock
+from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.scale_shift import BatchNormalizationBlock, GroupNormalizationBlock, LayerNormalizationBlock
 
 _BLOCKS: dict[type, type] = {}
@@ -54,3 +56,5 @@ register_block(keras.layers.Conv2D, Conv2DBlock)
 register_block(keras.layers.LayerNormalization, LayerNormalizationBlock)
 register_block(keras.layers.BatchNormalization, BatchNormalizationBlock)
 register_block(keras.layers.GroupNormalization, GroupNormalizationBlock)
+register_block(keras.layers.Embedding, EmbeddingBlock)
+register_block(keras.layers.EinsumDense, EinsumDenseBlock)
