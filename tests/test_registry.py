@@ -165,7 +165,7 @@ def test_summary_gives_memory_and_the_share_of_parameters_under_blocks():
         [
             keras.Input((5,)),
             keras.layers.Dense(4, name="fc"),
-            keras.layers.LayerNormalization(name="norm"),
+            keras.layers.PReLU(name="act"),
             keras.layers.Dense(3, activation="softmax", name="out"),
         ]
     )
@@ -175,5 +175,5 @@ def test_summary_gives_memory_and_the_share_of_parameters_under_blocks():
     # fc: A 6x6, G 4x4; out: A 5x5, G 3x3; eigen keeps factors, eigenvalues and eigenvectors.
     fc_bytes = 4 * (2 * 36 + 6 + 2 * 16 + 4)
     assert f"{fc_bytes / 2**20:.3f}" in text.splitlines()[1]
-    assert "norm (LayerNormalization, 8 parameters): no block for this layer kind" in text
-    assert text.splitlines()[-1] == "Trainable parameters under curvature blocks: 39 of 47 (83.0%)"
+    assert "act (PReLU, 4 parameters): no block for this layer kind" in text
+    assert text.splitlines()[-1] == "Trainable parameters under curvature blocks: 39 of 43 (90.7%)"
