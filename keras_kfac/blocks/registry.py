@@ -11,7 +11,10 @@ from __future__ import annotations
 import keras
 
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
+from keras_kfac.blocks.conv1d import Conv1DBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
+from keras_kfac.blocks.conv2d_transpose import Conv2DTransposeBlock
+from keras_kfac.blocks.conv3d import Conv3DBlock
 from keras_kfac.blocks.dense import DenseBlock
 
 _BLOCKS: dict[type, type] = {}
@@ -50,3 +53,6 @@ def block_for_layer(layer, options: BlockOptions | None = None) -> tuple[Curvatu
 
 register_block(keras.layers.Dense, DenseBlock)
 register_block(keras.layers.Conv2D, Conv2DBlock)
+register_block(keras.layers.Conv1D, Conv1DBlock)
+register_block(keras.layers.Conv3D, Conv3DBlock)
+register_block(keras.layers.Conv2DTranspose, Conv2DTransposeBlock)
