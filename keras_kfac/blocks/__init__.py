@@ -1,7 +1,11 @@
 """Curvature blocks, one class per layer kind, and the registry that picks one for a layer."""
 
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
+from keras_kfac.blocks.conv1d import Conv1DBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
+from keras_kfac.blocks.conv2d_transpose import Conv2DTransposeBlock
+from keras_kfac.blocks.conv3d import Conv3DBlock
+from keras_kfac.blocks.convolution import ConvolutionBlock
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.einsum_dense import (
     DenseReduceBlock,
@@ -38,6 +42,10 @@ __all__ = [
     "EmbeddingBlock",
     "use_kfac_expand",
     "use_kfac_reduce",
+    "ConvolutionBlock",
+    "Conv1DBlock",
+    "Conv3DBlock",
+    "Conv2DTransposeBlock",
     "block_for_layer",
     "register_block",
     "registered_blocks",

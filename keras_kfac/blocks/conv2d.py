@@ -4,18 +4,17 @@
 order (with a 1 appended for the bias); A = mean over examples and output locations of ā āᵀ,
 G = mean over examples of the sum over output locations of g gᵀ.  With `stats_locations` the
 mean of A runs over a random subset of the locations (the Gram matrix of all patches costs
-about as much as the convolution itself).
+about as much as the convolution itself).  See `keras_kfac.blocks.convolution`.
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
-from keras import ops
 
-from keras_kfac.blocks.kronecker import KroneckerBlock
+from keras_kfac.blocks.convolution import ConvolutionBlock
 
 
-class Conv2DBlock(KroneckerBlock):
+class Conv2DBlock(ConvolutionBlock):
     kind = "Conv2DBlock"
 
     def __init__(self, layer, options=None):
@@ -28,21 +27,7 @@ class Conv2DBlock(KroneckerBlock):
         self._rates = [1, dh, dw, 1]
         self._padding = layer.padding.upper()
 
-    @classmethod
-    def unsupported_reason(cls, layer):
-        if layer.data_format != "channels_last":
-            return "channels_first is not supported"
-        if layer.groups != 1:
-            return "grouped convolution is not supported"
-        return super().unsupported_reason(layer)
-
-    def preactivation(self, inputs):
-        pre = self.layer.convolution_op(inputs, self.layer.kernel)
-        if self.bias is not None:
-            pre = ops.add(pre, ops.reshape(self.layer.bias, (1, 1, 1, self.out_features)))
-        return pre
-
-    def input_rows(self, inputs, locations=None, seed=None):
+    def patches(self, inputs):
         patches = tf.image.extract_patches(
             inputs,
             sizes=self._sizes,
@@ -50,11 +35,4 @@ class Conv2DBlock(KroneckerBlock):
             rates=self._rates,
             padding=self._padding,
         )
-        if locations is None:
-            return tf.reshape(patches, (-1, self.in_features))
-        per_example = tf.reshape(patches, (tf.shape(patches)[0], -1, self.in_features))
-        # A uniform random subset of the output locations: the first `locations` of a random
-        # permutation (all of them when there are fewer).
-        scores = tf.random.stateless_uniform(tf.shape(per_example)[1:2], seed)
-        chosen = tf.argsort(scores)[:locations]
-        return tf.reshape(tf.gather(per_example, chosen, axis=1), (-1, self.in_features))
+        return tf.reshape(patches, (tf.shape(patches)[0], -1, self.in_features))

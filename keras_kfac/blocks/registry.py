@@ -11,7 +11,10 @@ from __future__ import annotations
 import keras
 
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
+from keras_kfac.blocks.conv1d import Conv1DBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
+from keras_kfac.blocks.conv2d_transpose import Conv2DTransposeBlock
+from keras_kfac.blocks.conv3d import Conv3DBlock
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.einsum_dense import EinsumDenseBlock
 from keras_kfac.blocks.embedding import EmbeddingBlock
@@ -58,3 +61,6 @@ register_block(keras.layers.BatchNormalization, BatchNormalizationBlock)
 register_block(keras.layers.GroupNormalization, GroupNormalizationBlock)
 register_block(keras.layers.Embedding, EmbeddingBlock)
 register_block(keras.layers.EinsumDense, EinsumDenseBlock)
+register_block(keras.layers.Conv1D, Conv1DBlock)
+register_block(keras.layers.Conv3D, Conv3DBlock)
+register_block(keras.layers.Conv2DTranspose, Conv2DTransposeBlock)
