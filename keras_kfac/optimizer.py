@@ -627,7 +627,7 @@ class KFAC(keras.optimizers.Optimizer):
         chained = {}
         if self._state.tridiagonal is not None:
             index = {id(b): i for i, b in enumerate(self.blocks)}
-            matrices = {index[id(b)]: b.to_matrix(grads[b]) for b in present}
+            matrices = {index[id(b)]: b.to_matrix(grads[b]) for b in present if tridiagonal.chainable(b)}
             chained = self._state.tridiagonal.directions(matrices, self.blocks)
             chained = {self.blocks[i]: self.blocks[i].from_matrix(u) for i, u in chained.items()}
         return {b: chained[b] if b in chained else b.multiply_inverse(grads[b], damping) for b in present}
