@@ -13,6 +13,7 @@ import keras
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.depthwise import DepthwiseConv2DBlock, SeparableConv2DBlock
 
 _BLOCKS: dict[type, type] = {}
 
@@ -50,3 +51,5 @@ def block_for_layer(layer, options: BlockOptions | None = None) -> tuple[Curvatu
 
 register_block(keras.layers.Dense, DenseBlock)
 register_block(keras.layers.Conv2D, Conv2DBlock)
+register_block(keras.layers.DepthwiseConv2D, DepthwiseConv2DBlock)
+register_block(keras.layers.SeparableConv2D, SeparableConv2DBlock)
