@@ -387,3 +387,24 @@ def test_mobilenet_style_model_trains_with_default_kfac(separable):
     assert opt.fallback_optimizer is None
     losses = history.history["loss"]
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.75 * losses[0], losses
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="KFAC._directions_phase calls block.to_matrix() on every block when approximation='block_tridiagonal', "
+    "but only Kronecker blocks have it (shared code, see the depthwise report)",
+)
+def test_block_tridiagonal_with_a_depthwise_layer_in_the_model():
+    x, y = _data((6, 6, 2), m=8)
+    model = keras_kfac.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.DepthwiseConv2D(3, activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, activation="tanh"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer=keras_kfac.KFAC(approximation="block_tridiagonal"), loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
