@@ -7,6 +7,7 @@ from keras_kfac.blocks.conv2d_transpose import Conv2DTransposeBlock
 from keras_kfac.blocks.conv3d import Conv3DBlock
 from keras_kfac.blocks.convolution import ConvolutionBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.depthwise import DepthwiseConv2DBlock, SeparableConv2DBlock
 from keras_kfac.blocks.einsum_dense import (
     DenseReduceBlock,
     EinsumDenseBlock,
@@ -46,6 +47,8 @@ __all__ = [
     "Conv1DBlock",
     "Conv3DBlock",
     "Conv2DTransposeBlock",
+    "DepthwiseConv2DBlock",
+    "SeparableConv2DBlock",
     "block_for_layer",
     "register_block",
     "registered_blocks",

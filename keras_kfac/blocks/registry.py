@@ -16,6 +16,7 @@ from keras_kfac.blocks.conv2d import Conv2DBlock
 from keras_kfac.blocks.conv2d_transpose import Conv2DTransposeBlock
 from keras_kfac.blocks.conv3d import Conv3DBlock
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.depthwise import DepthwiseConv2DBlock, SeparableConv2DBlock
 from keras_kfac.blocks.einsum_dense import EinsumDenseBlock
 from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.scale_shift import BatchNormalizationBlock, GroupNormalizationBlock, LayerNormalizationBlock
@@ -64,3 +65,5 @@ register_block(keras.layers.EinsumDense, EinsumDenseBlock)
 register_block(keras.layers.Conv1D, Conv1DBlock)
 register_block(keras.layers.Conv3D, Conv3DBlock)
 register_block(keras.layers.Conv2DTranspose, Conv2DTransposeBlock)
+register_block(keras.layers.DepthwiseConv2D, DepthwiseConv2DBlock)
+register_block(keras.layers.SeparableConv2D, SeparableConv2DBlock)
