@@ -389,12 +389,6 @@ def test_mobilenet_style_model_trains_with_default_kfac(separable):
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.75 * losses[0], losses
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="KFAC._directions_phase calls block.to_matrix() on every block when approximation='block_tridiagonal', "
-    "but only Kronecker blocks have it (shared code, see the depthwise report)",
-)
 def test_block_tridiagonal_with_a_depthwise_layer_in_the_model():
     x, y = _data((6, 6, 2), m=8)
     model = keras_kfac.Sequential(
@@ -406,5 +400,11 @@ def test_block_tridiagonal_with_a_depthwise_layer_in_the_model():
             keras.layers.Dense(3, activation="softmax"),
         ]
     )
-    model.compile(optimizer=keras_kfac.KFAC(approximation="block_tridiagonal"), loss="sparse_categorical_crossentropy")
-    model.train_on_batch(x, y)
+    opt = keras_kfac.KFAC(approximation="block_tridiagonal")
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    kernel = model.layers[0].kernel.numpy().copy()
+    loss = model.train_on_batch(x, y)
+    assert np.all(np.isfinite(loss))
+    assert [b.kind for b in opt.blocks] == ["DepthwiseConv2DBlock", "DenseBlock", "DenseBlock"]
+    assert opt._state.tridiagonal.chains == [[1, 2]]  # the two Dense layers; the depthwise block stays diagonal
+    assert not np.array_equal(kernel, model.layers[0].kernel.numpy())
