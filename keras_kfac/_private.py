@@ -39,6 +39,10 @@ __all__ = [
     "track_variable",
     "loss_input",
     "keras_mask",
+    "batch_norm_moments",
+    "batch_renorm_correction",
+    "has_group_reshape",
+    "reshape_into_groups",
 ]
 
 # `LossFunctionWrapper` (the class of Keras' built-in losses made from a function; not exported)
@@ -205,3 +209,24 @@ def keras_mask(tensor):
     """The Keras mask a layer attached to a tensor (padded sequence positions), or None; Keras'
     losses apply it (`keras.src.backend.get_keras_mask`, not exported)."""
     return getattr(tensor, "_keras_mask", None)
+
+
+def batch_norm_moments(layer, x, mask):
+    """BatchNormalization's own batch moments (masks and `synchronized` as the layer does them),
+    so that a block's x̂ is the layer's exactly; the layer exposes no public form."""
+    return layer._moments(x, mask)
+
+
+def batch_renorm_correction(layer, mean, variance):
+    """BatchNormalization(renorm=True)'s (r, d, mean, variance) before its call updates them."""
+    return layer._renorm_correction_and_moments(mean, variance)
+
+
+def has_group_reshape(layer) -> bool:
+    """Whether this Keras version's GroupNormalization has the grouping helper used below."""
+    return hasattr(layer, "_reshape_into_groups")
+
+
+def reshape_into_groups(layer, x):
+    """GroupNormalization's own split of the channels into groups."""
+    return layer._reshape_into_groups(x)

@@ -40,7 +40,7 @@ def build(damping_mode="factored", distribute_inverses=True):
         [
             keras.Input((5,)),
             keras.layers.Dense(8, activation="tanh", name="hidden"),
-            keras.layers.LayerNormalization(name="norm"),  # updated by the fallback optimizer
+            keras.layers.LayerNormalization(name="norm"),  # a scale-and-shift block, shared too
             keras.layers.Dense(6, activation="relu", name="middle"),
             keras.layers.Dense(3, activation="softmax", name="out"),
         ]
@@ -97,7 +97,8 @@ def inverse_owners(strategy, distribute_inverses) -> dict:
         model.optimizer.build(model.trainable_variables)
     optimizer = model.optimizer
     rng = np.random.default_rng(5)
-    for block in optimizer.blocks:
+    kronecker = [b for b in optimizer.blocks if isinstance(b, keras_kfac.KroneckerBlock)]
+    for block in kronecker:
         for variable in block.statistics_variables:
             for replica, copy in enumerate(strategy.experimental_local_results(variable.value)):
                 rows = rng.normal(size=(2 * variable.shape[0], variable.shape[0])).astype("float32")
@@ -114,7 +115,7 @@ def inverse_owners(strategy, distribute_inverses) -> dict:
     invert()
     out = {}
     tag = "split" if distribute_inverses else "all"
-    for b, block in enumerate(optimizer.blocks):
+    for b, block in enumerate(kronecker):
         (a, g), (inv_a, inv_g) = block.statistics_variables, block.inverse_variables
         for name, variable in (("a", a), ("g", g), ("inv_a", inv_a), ("inv_g", inv_g)):
             copies = strategy.experimental_local_results(variable.value)

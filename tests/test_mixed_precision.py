@@ -126,7 +126,7 @@ def test_float16_dynamic_loss_scale_follows_keras_rules():
 @pytest.mark.parametrize("fisher", ["empirical", "sampled"])
 def test_static_loss_scale_factor_changes_nothing(fisher):
     """Keras' static `loss_scale_factor` (a power of 2: exact) is undone for every variable,
-    those of the fallback optimizer (LayerNormalization here) included."""
+    those of the fallback optimizer (PReLU here) and of the scale-and-shift block included."""
     x, y = _data(32)
     weights = []
     for factor in (None, 1024.0):
@@ -136,6 +136,7 @@ def test_static_loss_scale_factor_changes_nothing(fisher):
                 keras.Input((8,)),
                 keras.layers.Dense(16, activation="tanh"),
                 keras.layers.LayerNormalization(),
+                keras.layers.PReLU(),
                 keras.layers.Dense(3, activation="softmax"),
             ]
         )

@@ -34,7 +34,8 @@ def _model(fisher="empirical", classes=3, **kwargs):
         [
             keras.Input((4,)),
             keras.layers.Dense(6, activation="tanh", name="hidden"),
-            keras.layers.BatchNormalization(name="norm"),  # state of the fallback optimizer too
+            keras.layers.BatchNormalization(name="norm"),  # a scale-and-shift block with moving statistics
+            keras.layers.PReLU(name="act"),  # state of the fallback optimizer too
             keras.layers.Dense(classes, activation="softmax", name="out"),
         ]
     )

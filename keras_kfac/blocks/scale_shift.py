@@ -45,6 +45,7 @@ import math
 import tensorflow as tf
 from keras import backend, ops
 
+from keras_kfac import _private
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.inversion import all_finite
 
@@ -274,9 +275,9 @@ class BatchNormalizationBlock(ScaleShiftBlock):
         x = ops.cast(inputs, self.compute_dtype(inputs))
         correction = None
         if training and layer.trainable:
-            mean, variance = layer._moments(x, mask)
+            mean, variance = _private.batch_norm_moments(layer, x, mask)
             if layer.renorm:
-                r, d, mean, variance = layer._renorm_correction_and_moments(mean, variance)
+                r, d, mean, variance = _private.batch_renorm_correction(layer, mean, variance)
                 correction = (r, d)
         else:
             mean = ops.cast(layer.moving_mean, x.dtype)
@@ -298,7 +299,7 @@ class GroupNormalizationBlock(ScaleShiftBlock):
 
     @classmethod
     def unsupported_reason(cls, layer) -> str | None:
-        if not hasattr(layer, "_reshape_into_groups"):
+        if not _private.has_group_reshape(layer):
             return "this Keras version's GroupNormalization is not modelled"
         return super().unsupported_reason(layer)
 
@@ -308,7 +309,7 @@ class GroupNormalizationBlock(ScaleShiftBlock):
     def normalized(self, inputs, training=None, mask=None):
         layer = self.layer
         x = ops.cast(inputs, self.compute_dtype(inputs))
-        grouped = layer._reshape_into_groups(x)
+        grouped = _private.reshape_into_groups(layer, x)
         axes = list(range(1, len(grouped.shape)))
         axes.pop(-2 if layer.axis == -1 else layer.axis - 1)  # the group axis stays, as in the layer
         mean, variance = ops.moments(grouped, axes=axes, keepdims=True)
