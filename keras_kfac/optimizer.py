@@ -114,6 +114,9 @@ class KFAC(keras.optimizers.Optimizer):
         exclude: layers kept out of K-FAC (trained by the fallback): a layer name, a list of
             names, or a callable taking a layer and returning True to exclude it.
         max_factor_size: a factor side larger than this keeps only its diagonal (None: no limit).
+        weight_sharing: layers applied over shared positions (Dense on sequences, EinsumDense):
+            "expand" (every position a row) or "reduce" (per example, inputs averaged and output
+            gradients summed over the positions; Eschenhagen et al. 2023). None: "expand".
         inverse_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
         inverse_dtype: dtype of the eigendecompositions/inverses, "float32" or "float64".
         statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
@@ -154,6 +157,7 @@ class KFAC(keras.optimizers.Optimizer):
         max_damping=1e8,
         exclude=None,
         max_factor_size=DEFAULT_MAX_FACTOR_SIZE,
+        weight_sharing=None,
         name=None,
         **kwargs,
     ):
@@ -206,6 +210,7 @@ class KFAC(keras.optimizers.Optimizer):
         args.check_exclude(exclude)
         if max_factor_size is not None:
             args.check_number("max_factor_size", max_factor_size, low=1, integer=True)
+        args.check_choice("weight_sharing", weight_sharing, (None, "expand", "reduce"))
         uses_quadratic = auto_learning_rate or auto_momentum or adapt_damping
         if uses_quadratic and kwargs.get("gradient_accumulation_steps"):
             raise ValueError(
@@ -229,6 +234,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.fallback = fallback
         self.exclude = exclude
         self.max_factor_size = max_factor_size
+        self.weight_sharing = weight_sharing
         self.inverse_jit = inverse_jit
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
@@ -262,6 +268,7 @@ class KFAC(keras.optimizers.Optimizer):
             max_factor_size=self.max_factor_size,
             stats_locations=self.stats_locations,
             inverse_dtype=self.inverse_dtype,
+            weight_sharing=self.weight_sharing,
         )
 
     # ----------------------------------------------------------------------------- setup
@@ -892,6 +899,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "fallback": fallback,
                 "exclude": exclude,
                 "max_factor_size": self.max_factor_size,
+                "weight_sharing": self.weight_sharing,
                 "inverse_jit": self.inverse_jit,
                 "inverse_dtype": self.inverse_dtype,
                 "statistics_jit": self.statistics_jit,

@@ -19,20 +19,10 @@ from keras_kfac.blocks import (
     EinsumDenseReduceBlock,
     EmbeddingBlock,
     block_for_layer,
-    registered_blocks,
-    use_kfac_expand,
-    use_kfac_reduce,
 )
 
 LR, DAMPING = 0.5, 1e-2
 TOL = 2e-4  # float32 against float64, as tests/test_one_step.py
-
-
-@pytest.fixture
-def sharing_registry():
-    """Restores the default (expand) registrations after a test that switches to reduce."""
-    yield
-    use_kfac_expand()
 
 
 def _f64(v):
@@ -148,12 +138,10 @@ def _einsum_model(t, d):
 
 @pytest.mark.parametrize("mode", ["eigen", "factored"])
 @pytest.mark.parametrize("sharing", ["expand", "reduce"])
-def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode, sharing_registry):
+def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode):
     """Factors and the updated kernels/biases of every layer, for equations with several
     input/output feature axes, a kernel whose output axis comes first and a bias of shape
     (F, 1), with either weight-sharing approximation."""
-    if sharing == "reduce":
-        use_kfac_reduce()
     rng = np.random.default_rng(3)
     m, t, d = 6, 4, 3
     x = rng.normal(size=(m, t, d)).astype("float32")
@@ -162,18 +150,17 @@ def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode, shari
     layers = {layer.name: layer for layer in model.layers if layer.weights}
     weights = {name: (_f64(layer.kernel.numpy()), _f64(layer.bias.numpy())) for name, layer in layers.items()}
     expected = einsum_reference(_f64(x), y, weights, sharing, mode)
-    opt = exact_kfac(learning_rate=LR, damping=DAMPING, damping_mode=mode)
+    opt = exact_kfac(learning_rate=LR, damping=DAMPING, damping_mode=mode, weight_sharing=sharing)
     # Compiled (graph) for eigen, eager for factored: both step paths, at half the compile time.
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", run_eagerly=mode == "factored")
     model.train_on_batch(x, y)
-    kinds = {b.name: b.kind for b in opt.blocks}
-    suffix = "ReduceBlock" if sharing == "reduce" else "Block"
+    kinds = {b.name: (b.kind, b.weight_sharing) for b in opt.blocks}
     assert kinds == {
-        "q": f"EinsumDense{suffix}",
-        "o": f"EinsumDense{suffix}",
-        "dense": f"Dense{suffix}",
-        "perm": f"EinsumDense{suffix}",
-        "head": f"EinsumDense{suffix}",
+        "q": ("EinsumDenseBlock", sharing),
+        "o": ("EinsumDenseBlock", sharing),
+        "dense": ("DenseBlock", sharing),
+        "perm": ("EinsumDenseBlock", sharing),
+        "head": ("EinsumDenseBlock", sharing),
     }
     factors = opt.factors()
     for name, layer in layers.items():
@@ -347,13 +334,19 @@ def test_quantized_embedding_goes_to_the_fallback():
     assert block is None and "quantized" in why
 
 
-def test_use_kfac_reduce_switches_the_registry(sharing_registry):
-    use_kfac_reduce()
-    assert registered_blocks()[keras.layers.Dense] is DenseReduceBlock
-    assert registered_blocks()[keras.layers.EinsumDense] is EinsumDenseReduceBlock
-    use_kfac_expand()
-    assert registered_blocks()[keras.layers.Dense] is DenseBlock
-    assert registered_blocks()[keras.layers.EinsumDense] is EinsumDenseBlock
+def test_weight_sharing_option_reaches_the_blocks():
+    inputs = keras.Input((4, 3))
+    hidden = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 5), bias_axes="d")(inputs)
+    outputs = keras.layers.Dense(2)(keras.layers.Dense(3)(hidden))
+    model = keras_kfac.Model(inputs, outputs)
+    opt = keras_kfac.KFAC(weight_sharing="reduce")
+    model.compile(optimizer=opt, loss="mse")
+    opt.build(model.trainable_variables)
+    assert [b.weight_sharing for b in opt.blocks] == ["reduce"] * 3
+    assert keras_kfac.KFAC.from_config(opt.get_config()).weight_sharing == "reduce"
+    assert keras_kfac.KFAC().block_options.weight_sharing is None  # the blocks' default: expand
+    with pytest.raises(ValueError, match="weight_sharing"):
+        keras_kfac.KFAC(weight_sharing="sum")
 
 
 # ------------------------------------------------------------------------- a Transformer
@@ -393,12 +386,12 @@ def test_transformer_classifier_trains_with_kfac_and_lists_the_attention_project
     assert "Trainable parameters under curvature blocks" in text and "(100.0%)" in text
 
 
-def test_transformer_summary_with_kfac_reduce(sharing_registry):
-    use_kfac_reduce()
+def test_transformer_summary_with_kfac_reduce():
     model = _transformer(20, 8)
-    model.compile(optimizer=keras_kfac.KFAC(fisher="empirical"), loss="sparse_categorical_crossentropy")
+    opt = keras_kfac.KFAC(fisher="empirical", weight_sharing="reduce")
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     text = model.kfac_summary(print_fn=None)
     for name in ("query", "key", "value", "attention_output"):
         line = next(line for line in text.splitlines() if line.startswith(name))
-        assert "EinsumDenseReduceBlock" in line and "KFAC-reduce" in line
+        assert "EinsumDenseBlock" in line and "KFAC-reduce" in line
     assert "(100.0%)" in text

@@ -12,8 +12,6 @@ from keras_kfac.blocks.einsum_dense import (
     DenseReduceBlock,
     EinsumDenseBlock,
     EinsumDenseReduceBlock,
-    use_kfac_expand,
-    use_kfac_reduce,
 )
 from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
@@ -41,8 +39,6 @@ __all__ = [
     "EinsumDenseBlock",
     "EinsumDenseReduceBlock",
     "EmbeddingBlock",
-    "use_kfac_expand",
-    "use_kfac_reduce",
     "ConvolutionBlock",
     "Conv1DBlock",
     "Conv3DBlock",

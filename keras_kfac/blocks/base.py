@@ -25,6 +25,7 @@ class BlockOptions:
     max_factor_size: int | None = 8192
     stats_locations: int | None = None
     inverse_dtype: str = "float32"
+    weight_sharing: str | None = None  # "expand" or "reduce" over shared positions (None: the block's default)
 
 
 class CurvatureBlock:

@@ -1,7 +1,10 @@
 """K-FAC block of a `keras.layers.Dense` layer (Martens & Grosse 2015).
 
-Inputs of rank > 2 (e.g. (batch, time, features)) are treated like convolution locations:
-A averages over examples and positions, G sums over positions and averages over examples.
+Inputs of rank > 2 (e.g. (batch, time, features)) have positions shared by the weights. With
+KFAC-expand (the default) they are treated like convolution locations: A averages over examples
+and positions, G sums over positions and averages over examples. With KFAC-reduce
+(`KFAC(weight_sharing="reduce")`, Eschenhagen et al. 2023) each example gives one row: ā the
+mean of its positions' inputs, g the sum of its positions' output gradients.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_kfac.blocks.kronecker import KroneckerBlock
+from keras_kfac.blocks.weight_sharing import choose_sharing, shared_rows, sharing_summary
 
 
 class DenseBlock(KroneckerBlock):
@@ -21,5 +25,20 @@ class DenseBlock(KroneckerBlock):
             pre = ops.add(pre, self.layer.bias)
         return pre
 
+    weight_sharing = "expand"
+
+    def __init__(self, layer, options=None, weight_sharing: str | None = None):
+        super().__init__(layer, options)
+        self.weight_sharing = choose_sharing(self, weight_sharing)
+
     def input_rows(self, inputs, locations=None, seed=None):
-        return tf.reshape(inputs, (-1, self.in_features))
+        per_example = tf.reshape(inputs, (tf.shape(inputs)[0], -1, self.in_features))
+        return shared_rows(per_example, self.weight_sharing, "a")
+
+    def output_rows(self, preact_grads):
+        per_example = tf.reshape(preact_grads, (tf.shape(preact_grads)[0], -1, self.out_features))
+        return shared_rows(per_example, self.weight_sharing, "g")
+
+    def summary(self) -> dict:
+        info = super().summary()
+        return sharing_summary(info, self.weight_sharing) if self.weight_sharing != "expand" else info

@@ -33,78 +33,32 @@ examples:
 
 A layer called several times contributes one set of rows per call (A averages over all rows,
 G sums over the calls).  `stats_locations` is ignored (as for `DenseBlock`).  The choice is the
-block's `weight_sharing` (constructor argument, else a `weight_sharing` field of the block
-options when `BlockOptions` has one that is not None, else the class attribute);
-`use_kfac_reduce()` / `use_kfac_expand()` register the reduce / expand blocks for `Dense` and
-`EinsumDense` in the registry.
+block's `weight_sharing` (constructor argument, else `KFAC(weight_sharing=...)`, else the class
+attribute; `keras_kfac.blocks.weight_sharing`).
 """
 
 from __future__ import annotations
 
 import math
 
-import keras
 import tensorflow as tf
 from keras import ops
 
 from keras_kfac.blocks.base import BlockOptions
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
+from keras_kfac.blocks.weight_sharing import choose_sharing, shared_rows, sharing_summary
 from keras_kfac.factors import factor_for
 from keras_kfac.inversion import INVERSIONS
-
-WEIGHT_SHARING = ("expand", "reduce")
-
-
-def _choose_sharing(block, weight_sharing) -> str:
-    mode = weight_sharing
-    if mode is None:
-        mode = getattr(block.options, "weight_sharing", None)
-    if mode is None:
-        mode = type(block).weight_sharing
-    if mode not in WEIGHT_SHARING:
-        raise ValueError(f"weight_sharing must be one of {WEIGHT_SHARING}; received {mode!r}.")
-    return mode
-
-
-def shared_rows(per_example: tf.Tensor, weight_sharing: str, side: str) -> tf.Tensor:
-    """Rows from a (batch, P, features) tensor: every (example, position) for "expand"; for
-    "reduce" the mean over positions (side "a") or the sum over positions (side "g")."""
-    if weight_sharing == "expand":
-        return tf.reshape(per_example, (-1, tf.shape(per_example)[-1]))
-    if side == "a":
-        return tf.reduce_mean(per_example, axis=1)
-    return tf.reduce_sum(per_example, axis=1)
-
-
-def _sharing_summary(info: dict, weight_sharing: str) -> dict:
-    info = dict(info)
-    info["curvature"] = f"{info['curvature']}, KFAC-{weight_sharing}"
-    return info
 
 
 # ------------------------------------------------------------------------------- Dense
 class DenseReduceBlock(DenseBlock):
-    """`DenseBlock` with KFAC-reduce over the positions of inputs of rank > 2 (module doc);
-    identical to `DenseBlock` on rank-2 inputs."""
+    """`DenseBlock` with KFAC-reduce by default (`keras_kfac.blocks.weight_sharing`); identical to
+    `DenseBlock` on rank-2 inputs."""
 
     kind = "DenseReduceBlock"
     weight_sharing = "reduce"
-
-    def __init__(self, layer, options: BlockOptions | None = None, weight_sharing: str | None = None):
-        super().__init__(layer, options)
-        self.weight_sharing = _choose_sharing(self, weight_sharing)
-
-    def input_rows(self, inputs, locations=None, seed=None):
-        per_example = tf.reshape(inputs, (tf.shape(inputs)[0], -1, self.in_features))
-        return shared_rows(per_example, self.weight_sharing, "a")
-
-    def output_rows(self, preact_grads):
-        per_example = tf.reshape(preact_grads, (tf.shape(preact_grads)[0], -1, self.out_features))
-        return shared_rows(per_example, self.weight_sharing, "g")
-
-    def summary(self) -> dict:
-        return _sharing_summary(super().summary(), self.weight_sharing)
 
 
 # ------------------------------------------------------------------------- EinsumDense
@@ -200,7 +154,7 @@ class EinsumDenseBlock(KroneckerBlock):
 
     def __init__(self, layer, options: BlockOptions | None = None, weight_sharing: str | None = None):
         super().__init__(layer, options)
-        self.weight_sharing = _choose_sharing(self, weight_sharing)
+        self.weight_sharing = choose_sharing(self, weight_sharing)
         self.layout = EinsumLayout(layer.equation, layer.bias_axes if self.bias is not None else None, _rank(layer))
         kernel_shape = [int(d) for d in self.kernel.shape]
         layout = self.layout
@@ -271,7 +225,7 @@ class EinsumDenseBlock(KroneckerBlock):
         return [kernel, tf.reshape(bias, self.bias.shape)]
 
     def summary(self) -> dict:
-        return _sharing_summary(super().summary(), self.weight_sharing)
+        return sharing_summary(super().summary(), self.weight_sharing)
 
 
 def _rank(layer) -> int | None:
@@ -284,20 +238,3 @@ class EinsumDenseReduceBlock(EinsumDenseBlock):
 
     kind = "EinsumDenseReduceBlock"
     weight_sharing = "reduce"
-
-
-def use_kfac_reduce() -> None:
-    """Registers the KFAC-reduce blocks for `Dense` and `EinsumDense` (for every KFAC built
-    afterwards, until `use_kfac_expand()`)."""
-    from keras_kfac.blocks.registry import register_block
-
-    register_block(keras.layers.Dense, DenseReduceBlock)
-    register_block(keras.layers.EinsumDense, EinsumDenseReduceBlock)
-
-
-def use_kfac_expand() -> None:
-    """Registers the KFAC-expand blocks (the default) for `Dense` and `EinsumDense`."""
-    from keras_kfac.blocks.registry import register_block
-
-    register_block(keras.layers.Dense, DenseBlock)
-    register_block(keras.layers.EinsumDense, EinsumDenseBlock)
