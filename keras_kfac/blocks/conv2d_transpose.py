@@ -39,8 +39,6 @@ from keras_kfac.blocks.convolution import (
     static_dims,
     upsample,
 )
-from keras_kfac.factors import factor_for
-from keras_kfac.inversion import INVERSIONS
 
 
 def transpose_output_size(size, kernel: int, stride: int, dilation: int, padding: str, output_padding):
@@ -63,10 +61,7 @@ class Conv2DTransposeBlock(ConvolutionBlock):
         *spatial, filters, channels = (int(d) for d in self.kernel.shape)
         self.in_features = math.prod(spatial) * channels
         self.out_features = filters
-        limit = self.options.max_factor_size
-        self.side_a = factor_for(self.dim_a, limit)
-        self.side_g = factor_for(self.dim_g, limit)
-        self.inversion = INVERSIONS[self.options.damping_mode](self.side_a, self.side_g, self.options.inverse_dtype)
+        self.size_sides()
         self._permutation = list(range(len(spatial))) + [len(spatial) + 1, len(spatial)]
 
     def convolve(self, inputs):

@@ -48,8 +48,6 @@ from keras_kfac.blocks.base import BlockOptions
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
 from keras_kfac.blocks.weight_sharing import choose_sharing, shared_rows, sharing_summary
-from keras_kfac.factors import factor_for
-from keras_kfac.inversion import INVERSIONS
 
 
 # ------------------------------------------------------------------------------- Dense
@@ -166,17 +164,13 @@ class EinsumDenseBlock(KroneckerBlock):
             self._bias_dims = [out_dims[c] for c in layout.bias_chars]
         # The sides and the inversion of the right sizes (KroneckerBlock sized them from the
         # kernel's last axis).
-        limit = self.options.max_factor_size
-        self.side_a = factor_for(self.dim_a, limit)
-        self.side_g = factor_for(self.dim_g, limit)
-        self.inversion = INVERSIONS[self.options.damping_mode](self.side_a, self.side_g, self.options.inverse_dtype)
+        self.size_sides()
 
     @classmethod
     def unsupported_reason(cls, layer) -> str | None:
-        if getattr(layer, "quantization_mode", None):
-            return "quantized layer"
-        if getattr(layer, "lora_enabled", False):
-            return "LoRA is enabled"
+        reason = cls.adapted_reason(layer)
+        if reason:
+            return reason
         has_bias = getattr(layer, "bias", None) is not None
         try:
             EinsumLayout(layer.equation, layer.bias_axes if has_bias else None, _rank(layer))

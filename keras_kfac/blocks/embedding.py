@@ -27,8 +27,7 @@ import tensorflow as tf
 
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
-from keras_kfac.factors import DiagonalFactor, factor_for
-from keras_kfac.inversion import INVERSIONS
+from keras_kfac.factors import DiagonalFactor
 
 
 class EmbeddingBlock(KroneckerBlock):
@@ -41,18 +40,15 @@ class EmbeddingBlock(KroneckerBlock):
         self.bias = None
         self.in_features = int(layer.input_dim)
         self.out_features = int(layer.output_dim)
-        self.side_a = DiagonalFactor(self.in_features)
-        self.side_g = factor_for(self.out_features, self.options.max_factor_size)
-        self.inversion = INVERSIONS[self.options.damping_mode](self.side_a, self.side_g, self.options.inverse_dtype)
+        self.size_sides(side_a=DiagonalFactor(self.in_features))
         self.factor_a = self.factor_g = None
         self._inverse = []
 
     @classmethod
     def unsupported_reason(cls, layer) -> str | None:
-        if getattr(layer, "quantization_mode", None):
-            return "quantized layer"
-        if getattr(layer, "lora_enabled", False):
-            return "LoRA is enabled"
+        reason = cls.adapted_reason(layer)
+        if reason:
+            return reason
         if getattr(layer, "sparse", False):
             return "sparse=True is not supported"
         if not layer.trainable or not layer.embeddings.trainable:

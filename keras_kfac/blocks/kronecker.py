@@ -37,19 +37,33 @@ class KroneckerBlock(CurvatureBlock):
         self.bias = bias if getattr(layer, "use_bias", True) and bias is not None else None
         self.in_features = int(math.prod(self.kernel.shape[:-1]))
         self.out_features = int(self.kernel.shape[-1])
-        limit = self.options.max_factor_size
-        self.side_a = factor_for(self.dim_a, limit)
-        self.side_g = factor_for(self.dim_g, limit)
-        self.inversion = INVERSIONS[self.options.damping_mode](self.side_a, self.side_g, self.options.inverse_dtype)
+        self.size_sides()
         self.factor_a = self.factor_g = None
         self._inverse = []
 
-    @classmethod
-    def unsupported_reason(cls, layer) -> str | None:
+    def size_sides(self, side_a=None, side_g=None) -> None:
+        """(Re)makes the factor sides for `dim_a`, `dim_g` (dense up to `max_factor_size`, else
+        diagonal; or the sides given) and the inversion strategy over them.  Subclasses whose
+        kernel is not laid out (..., in, out) call it again once they set their feature sizes."""
+        limit = self.options.max_factor_size
+        self.side_a = side_a or factor_for(self.dim_a, limit)
+        self.side_g = side_g or factor_for(self.dim_g, limit)
+        self.inversion = INVERSIONS[self.options.damping_mode](self.side_a, self.side_g, self.options.inverse_dtype)
+
+    @staticmethod
+    def adapted_reason(layer) -> str | None:
+        """Why a layer whose weights are adapted (quantized, LoRA) gets no block, or None."""
         if getattr(layer, "quantization_mode", None):
             return "quantized layer"
         if getattr(layer, "lora_enabled", False):
             return "LoRA is enabled"
+        return None
+
+    @classmethod
+    def unsupported_reason(cls, layer) -> str | None:
+        reason = cls.adapted_reason(layer)
+        if reason:
+            return reason
         if not layer.trainable or not layer.kernel.trainable:
             return "not trainable"
         if getattr(layer, "use_bias", True) and getattr(layer, "bias", None) is not None and not layer.bias.trainable:
