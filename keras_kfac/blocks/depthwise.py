@@ -229,6 +229,18 @@ def _spec_bytes(specs) -> int:
     return sum(4 * math.prod(shape) for shape, _, _ in specs)
 
 
+def _depthwise(layer, inputs, kernel):
+    """The layer's depthwise convolution of `inputs` with `kernel`, as its own call computes it."""
+    return ops.depthwise_conv(
+        inputs,
+        kernel,
+        strides=layer.strides,
+        padding=layer.padding,
+        dilation_rate=layer.dilation_rate,
+        data_format=layer.data_format,
+    )
+
+
 def _unsupported(layer, kernels) -> str | None:
     if getattr(layer, "quantization_mode", None):
         return "quantized layer"
@@ -266,14 +278,7 @@ class DepthwiseConv2DBlock(CurvatureBlock):
         layer = self.layer
 
         def recorded(inputs, *args, **kwargs):
-            pre = ops.depthwise_conv(
-                inputs,
-                layer.kernel,
-                strides=layer.strides,
-                padding=layer.padding,
-                dilation_rate=layer.dilation_rate,
-                data_format=layer.data_format,
-            )
+            pre = _depthwise(layer, inputs, layer.kernel)
             if self.part.bias is not None:
                 pre = ops.add(pre, ops.reshape(layer.bias, (1, 1, 1, -1)))
             record(inputs, pre)
@@ -354,14 +359,7 @@ class SeparableConv2DBlock(CurvatureBlock):
         layer = self.layer
 
         def recorded(inputs, *args, **kwargs):
-            z = ops.depthwise_conv(
-                inputs,
-                layer.depthwise_kernel,
-                strides=layer.strides,
-                padding=layer.padding,
-                dilation_rate=layer.dilation_rate,
-                data_format=layer.data_format,
-            )
+            z = _depthwise(layer, inputs, layer.depthwise_kernel)
             record(inputs, z)  # even entries: the depthwise part
             pre = ops.conv(z, layer.pointwise_kernel, strides=1, padding="valid", data_format=layer.data_format)
             if self.bias is not None:
