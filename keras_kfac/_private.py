@@ -40,6 +40,7 @@ __all__ = [
     "loss_input",
     "keras_mask",
     "batch_norm_moments",
+    "has_batch_norm_moments",
     "batch_renorm_correction",
     "has_group_reshape",
     "reshape_into_groups",
@@ -209,6 +210,12 @@ def keras_mask(tensor):
     """The Keras mask a layer attached to a tensor (padded sequence positions), or None; Keras'
     losses apply it (`keras.src.backend.get_keras_mask`, not exported)."""
     return getattr(tensor, "_keras_mask", None)
+
+
+def has_batch_norm_moments(layer) -> bool:
+    """Whether this Keras version's BatchNormalization has the moment helpers used below."""
+    needed = ["_moments"] + (["_renorm_correction_and_moments"] if getattr(layer, "renorm", False) else [])
+    return all(hasattr(layer, name) for name in needed)
 
 
 def batch_norm_moments(layer, x, mask):

@@ -263,10 +263,11 @@ class KFACTrainStep:
         grads = tape.gradient(scaled_loss, variables)
         g = []
         if targets:
-            coefficients = self._kfac_coefficients(y_pred, y, sample_weight)
+            # Coefficients and output gradients on statistics steps only.
             output_grads = lambda: self._kfac_output_grads(  # noqa: E731
-                opt, y_pred, y, sample_weight, scaled_loss, tape, targets, coefficients
-            )
+                opt, y_pred, y, sample_weight, scaled_loss, tape, targets,
+                self._kfac_coefficients(y_pred, y, sample_weight),
+            )  # fmt: skip
             zeros = lambda: [tf.zeros_like(t, tf.float32) for t in targets]  # noqa: E731
             g = tf.cond(opt.due(opt.stats_every), output_grads, zeros)
             g = list(g) if isinstance(g, (list, tuple)) else [g]

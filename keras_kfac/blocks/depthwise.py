@@ -60,6 +60,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
+from keras_kfac.blocks.kronecker import KroneckerBlock
 from keras_kfac.factors import factor_for
 from keras_kfac.inversion import INVERSIONS, all_finite, pi_factor
 
@@ -242,10 +243,9 @@ def _depthwise(layer, inputs, kernel):
 
 
 def _unsupported(layer, kernels) -> str | None:
-    if getattr(layer, "quantization_mode", None):
-        return "quantized layer"
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA is enabled"
+    reason = KroneckerBlock.adapted_reason(layer)
+    if reason:
+        return reason
     if layer.data_format != "channels_last":
         return "channels_first is not supported"
     if not layer.trainable or not all(k.trainable for k in kernels):

@@ -178,8 +178,9 @@ class ScaleShiftBlock(FeatureBlock):
 
     def feature_axes(self, rank: int) -> list:
         """The axes of x̂ (non-negative, increasing) that γ and β span; their elements, in this
-        order, are those of γ and β flattened."""
-        raise NotImplementedError  # pragma: no cover - abstract
+        order, are those of γ and β flattened.  Default: the layer's single `axis` (Batch- and
+        GroupNormalization)."""
+        return [self.layer.axis % rank]
 
     def normalized(self, inputs, training=None, mask=None):
         """x̂ as the layer's call computes it (at least float32)."""
@@ -262,13 +263,9 @@ class BatchNormalizationBlock(ScaleShiftBlock):
 
     @classmethod
     def unsupported_reason(cls, layer) -> str | None:
-        needed = ["_moments"] + (["_renorm_correction_and_moments"] if getattr(layer, "renorm", False) else [])
-        if not all(hasattr(layer, name) for name in needed):
+        if not _private.has_batch_norm_moments(layer):
             return "this Keras version's BatchNormalization is not modelled"
         return super().unsupported_reason(layer)
-
-    def feature_axes(self, rank):
-        return [self.layer.axis % rank]
 
     def normalized(self, inputs, training=None, mask=None):
         layer = self.layer
@@ -302,9 +299,6 @@ class GroupNormalizationBlock(ScaleShiftBlock):
         if not _private.has_group_reshape(layer):
             return "this Keras version's GroupNormalization is not modelled"
         return super().unsupported_reason(layer)
-
-    def feature_axes(self, rank):
-        return [self.layer.axis % rank]
 
     def normalized(self, inputs, training=None, mask=None):
         layer = self.layer
