@@ -1,9 +1,9 @@
 """The K-FAC optimizer: one step as named phases over curvature blocks.
 
 Per block (one layer's kernel and bias, see `keras_kfac.blocks`) the gradient is multiplied by
-the block's damped inverse curvature, giving the direction U; the step is δ = −lr · U with
-heavy-ball momentum, U optionally rescaled by a KL clip or grafted to the norm of an Adam/SGD
-step.  Statistics are exponential moving averages with weight ε_k = min(1 − 1/k, stats_decay)
+the block's damped inverse curvature, giving the direction U; the step is −lr · U averaged with
+momentum (or heavy-ball, `momentum_form`), U optionally rescaled by a KL clip or grafted to the
+norm of an Adam/SGD step.  Statistics are exponential moving averages with weight ε_k = min(1 − 1/k, stats_decay)
 on the old value after k updates.  Variables without a block are updated by the `fallback`
 optimizer.
 
@@ -14,7 +14,7 @@ A step (`kfac_step`) runs these phases, each over all blocks:
 2. inverses: every `inverse_every` steps, each block's damped inverse (shared over replicas);
 3. directions: the raw gradients, clipped as Keras clips them, multiplied by the inverses;
 4. graft / KL clip: each direction rescaled to a first-order norm, then all by the KL bound;
-5. update: heavy-ball momentum (with `learning_rate=None`/`momentum=None`, α and μ minimise the
+5. update: momentum (with `learning_rate=None`/`momentum=None`, α and μ minimise the
    quadratic model, `keras_kfac.quadratic`), and the fallback optimizer's step for the rest.
 
 `tf.distribute` enters through a reducer (`keras_kfac.distributed`) that phases 1, 2 and the
@@ -42,6 +42,7 @@ from keras_kfac.inversion import INVERSIONS, all_finite
 FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
+MOMENTUM_FORMS = ("average", "heavy_ball")
 
 
 def _has_accelerator() -> bool:
@@ -76,8 +77,9 @@ class KFAC(keras.optimizers.Optimizer):
     Args:
         learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.  None:
             α is chosen each step by minimizing the quadratic model (see `keras_kfac.quadratic`).
-        momentum: heavy-ball momentum on the step, in [0, 1).  None: μ is chosen each step with α
-            from the 2×2 system of the quadratic model over δ = −αU + μδ₀.
+        momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
+            is chosen each step with α from the 2×2 system of the quadratic model over
+            δ = −αU + μδ₀ (heavy-ball).
         damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).
         stats_decay: upper bound of the moving-average weight ε_k = min(1 − 1/k, stats_decay).
         stats_every: update the factor statistics every this many steps.
@@ -114,6 +116,11 @@ class KFAC(keras.optimizers.Optimizer):
         exclude: layers kept out of K-FAC (trained by the fallback): a layer name, a list of
             names, or a callable taking a layer and returning True to exclude it.
         max_factor_size: a factor side larger than this keeps only its diagonal (None: no limit).
+        momentum_form: "average" (v ← μv + (1 − μ)U, step −lr·v/(1 − μᵗ): Adam's bias-corrected
+            first moment, so that with graft="adam" the step is as long as Adam's at the same
+            learning rate) or "heavy_ball" (v ← μv − lr·U, step v: Martens & Grosse, about
+            1/(1 − μ) times longer).  None: "average", or "heavy_ball" with the quadratic model
+            (learning_rate=None, momentum=None or adapt_damping=True), which needs it.
         weight_sharing: layers applied over shared positions (Dense on sequences, EinsumDense):
             "expand" (every position a row) or "reduce" (per example, inputs averaged and output
             gradients summed over the positions; Eschenhagen et al. 2023). None: "expand".
@@ -158,6 +165,7 @@ class KFAC(keras.optimizers.Optimizer):
         exclude=None,
         max_factor_size=DEFAULT_MAX_FACTOR_SIZE,
         weight_sharing=None,
+        momentum_form=None,
         name=None,
         **kwargs,
     ):
@@ -211,7 +219,13 @@ class KFAC(keras.optimizers.Optimizer):
         if max_factor_size is not None:
             args.check_number("max_factor_size", max_factor_size, low=1, integer=True)
         args.check_choice("weight_sharing", weight_sharing, (None, "expand", "reduce"))
+        args.check_choice("momentum_form", momentum_form, (None,) + MOMENTUM_FORMS)
         uses_quadratic = auto_learning_rate or auto_momentum or adapt_damping
+        if uses_quadratic and momentum_form == "average":
+            raise ValueError(
+                "learning_rate=None, momentum=None and adapt_damping=True model the heavy-ball step "
+                "δ = −αU + μδ₀; they need momentum_form='heavy_ball' (or None)."
+            )
         if uses_quadratic and kwargs.get("gradient_accumulation_steps"):
             raise ValueError(
                 "learning_rate=None, momentum=None and adapt_damping=True do not support "
@@ -235,6 +249,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.exclude = exclude
         self.max_factor_size = max_factor_size
         self.weight_sharing = weight_sharing
+        self.momentum_form = momentum_form
         self.inverse_jit = inverse_jit
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
@@ -255,6 +270,14 @@ class KFAC(keras.optimizers.Optimizer):
         self._state = _Untracked()
         self._fallback_optimizer = None
         self._kfac_active = False
+
+    @property
+    def step_momentum_form(self) -> str:
+        """The momentum in effect: "heavy_ball" with the quadratic model, else `momentum_form`
+        ("average" when None)."""
+        if self.momentum_form is not None:
+            return self.momentum_form
+        return "heavy_ball" if self.uses_quadratic else "average"
 
     @property
     def uses_quadratic(self) -> bool:
@@ -735,14 +758,23 @@ class KFAC(keras.optimizers.Optimizer):
         _private.distributed_update(self, list(zip(directions, [v for _, v in pairs])), learning_rate)
 
     def update_step(self, gradient, variable, learning_rate):
-        """Heavy-ball step on one variable; `gradient` is already the K-FAC direction U."""
+        """The step on one variable; `gradient` is already the K-FAC direction U.
+
+        "heavy_ball": v ← μv − lr·U, θ ← θ + v.  "average": v ← μv + (1 − μ)U, θ ← θ − lr·v/(1 − μᵗ)
+        (t the step number; Adam's bias-corrected first moment, so with graft="adam" a step is
+        as long as Adam's at the same learning rate)."""
         lr = tf.cast(learning_rate, variable.dtype)
         velocity = self._state.velocity.get(self._var_key(variable))
         if velocity is None:
             self.assign_sub(variable, lr * gradient)
             return
-        momentum = self._chosen_momentum if self.auto_momentum else self.momentum
-        self.assign(velocity, tf.cast(momentum, variable.dtype) * velocity - lr * gradient)
+        momentum = tf.cast(self._chosen_momentum if self.auto_momentum else self.momentum, variable.dtype)
+        if self.step_momentum_form == "average":
+            self.assign(velocity, momentum * velocity + (1.0 - momentum) * gradient)
+            step = tf.cast(self.iterations + 1, variable.dtype)
+            self.assign_sub(variable, lr * velocity / (1.0 - tf.pow(momentum, step)))
+            return
+        self.assign(velocity, momentum * velocity - lr * gradient)
         self.assign_add(variable, velocity)
 
     # -- the quadratic model (learning_rate=None, momentum=None, adapt_damping) ---------
@@ -900,6 +932,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "exclude": exclude,
                 "max_factor_size": self.max_factor_size,
                 "weight_sharing": self.weight_sharing,
+                "momentum_form": self.momentum_form,
                 "inverse_jit": self.inverse_jit,
                 "inverse_dtype": self.inverse_dtype,
                 "statistics_jit": self.statistics_jit,

@@ -91,18 +91,34 @@ def test_stats_batch_size_uses_the_first_examples():
         assert ref.rel_err(g.numpy(), f["G"]) > 1e-2
 
 
-def test_momentum_two_steps():
+@pytest.mark.parametrize("form", [None, "average", "heavy_ball"])
+def test_momentum_two_steps(form):
+    """Heavy-ball: θ₂ = θ₁ + μ(θ₁ − θ₀) − lr·U₁.  Average (the default): v₁ = (1 − μ)U₀ and
+    θ₁ = θ₀ − lr·U₀, then θ₂ = θ₁ − lr(μv₁ + (1 − μ)U₁)/(1 − μ²) = θ₁ + μ(θ₁ − θ₀)/(1 + μ) − lr·U₁/(1 + μ)."""
+    mu = 0.9
     x, y = _data(m=16)
     model = _mlp()
     w0 = _params(model)
-    model.compile(optimizer=_kfac(momentum=0.9), loss="sparse_categorical_crossentropy")
+    model.compile(optimizer=_kfac(momentum=mu, momentum_form=form), loss="sparse_categorical_crossentropy")
     model.train_on_batch(x[:8], y[:8])
     w1 = _params(model)
+    first = ref.mlp_step(x[:8].astype(np.float64), y[:8], w0, LR, DAMPING, "eigen")
     model.train_on_batch(x[8:], y[8:])
     second = ref.mlp_step(x[8:].astype(np.float64), y[8:], w1, LR, DAMPING, "eigen")
-    for layer, p0, p1, exp in zip(model.layers, w0, w1, second):
-        expected_kernel = p1[0] + 0.9 * (p1[0] - p0[0]) - LR * exp["update"][:-1]
+    for layer, p0, p1, one, two in zip(model.layers, w0, w1, first, second):
+        assert ref.rel_err(p1[0], one["kernel"]) < 2e-4  # the first step is −lr·U₀ in both forms
+        if form == "heavy_ball":
+            expected_kernel = p1[0] + mu * (p1[0] - p0[0]) - LR * two["update"][:-1]
+        else:
+            expected_kernel = p1[0] + mu * (p1[0] - p0[0]) / (1 + mu) - LR * two["update"][:-1] / (1 + mu)
         assert ref.rel_err(layer.kernel.numpy(), expected_kernel) < 2e-4
+
+
+def test_average_momentum_cannot_go_with_the_quadratic_model():
+    with pytest.raises(ValueError, match="momentum_form='heavy_ball'"):
+        keras_kfac.KFAC(learning_rate=None, momentum_form="average")
+    assert keras_kfac.KFAC(learning_rate=None).step_momentum_form == "heavy_ball"
+    assert keras_kfac.KFAC().step_momentum_form == "average"
 
 
 def test_damping_and_learning_rate_schedules():
