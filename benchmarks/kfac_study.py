@@ -101,8 +101,8 @@ def main(argv=None) -> list:
             json.dump(run, f)
         runs.append(run)
         print(row(run), flush=True)
-    header = "| configuration | " + " | ".join(f"acc@{s}" for s in CHECKS) + " | final acc | loss (last 100) | step ms |"
-    print(header)
+    checks = " | ".join(f"acc@{s}" for s in CHECKS)
+    print(f"| configuration | {checks} | final acc | loss (last 100) | step ms |")
     print("|" + "---|" * (len(CHECKS) + 4))
     for run in runs:
         print(row(run))
