@@ -136,13 +136,26 @@ class Recorder(keras.callbacks.Callback):
         )
 
 
-def train(kind, settings, weights, data, batch_size, seed, epochs, eval_every, eval_data, max_steps=None):
+def train(
+    kind,
+    settings,
+    weights,
+    data,
+    batch_size,
+    seed,
+    epochs,
+    eval_every,
+    eval_data,
+    max_steps=None,
+    build=alexnet,
+    make=make_optimizer,
+):
+    """One run from `weights`: the model of `build()` with the optimizer `make(kind, settings)`
+    (benchmarks/vit.py passes its own)."""
     keras.utils.set_random_seed(seed)
-    model = alexnet()
+    model = build()
     model.set_weights(weights)
-    model.compile(
-        optimizer=make_optimizer(kind, settings), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-    )
+    model.compile(optimizer=make(kind, settings), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     recorder = Recorder(eval_every, eval_data, max_steps)
     x, y = data
     model.fit(batches(x, y, batch_size, seed), epochs=epochs, verbose=0, callbacks=[recorder])
@@ -224,9 +237,9 @@ def sources_note(runs: dict) -> str:
     return f"Rows trained by different keras_kfac sources (digest of keras_kfac/*.py): {rows}."
 
 
-def initial_weights(seed: int):
+def initial_weights(seed: int, build=alexnet):
     keras.utils.set_random_seed(seed)
-    return alexnet().get_weights()
+    return build().get_weights()
 
 
 def run_sweep(table: dict, score, key: str, minimize: bool = False) -> dict:
@@ -351,14 +364,26 @@ def print_table(batch_size: int, table: dict, seeds) -> str:
     return text
 
 
-def plot(batch_size: int, runs: dict, out: str) -> list:
+COLORS = {"kfac": "tab:red", "kfac_adaptive": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
+
+
+def plot(
+    batch_size: int,
+    runs: dict,
+    out: str,
+    colors: dict | None = None,
+    title: str = "AlexNet-style CNN",
+    prefix: str = "",
+    accuracy_range: tuple = (0.7, 0.95),
+) -> list:
+    """Three PNGs in `out` (`<prefix>b<batch>_<panel>.png`): mean and min-max band over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    colors = {"kfac": "tab:red", "kfac_adaptive": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
+    colors = colors or COLORS
     panels = [
         ("train_loss_vs_steps", "step", "train loss (50-step moving average)"),
         ("test_accuracy_vs_steps", "step", "test accuracy"),
@@ -383,14 +408,14 @@ def plot(batch_size: int, runs: dict, out: str) -> list:
         if name == "train_loss_vs_steps":
             ax.set_yscale("log")
         else:
-            ax.set_ylim(0.7, 0.95)
+            ax.set_ylim(*accuracy_range)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"Fashion-MNIST, AlexNet-style CNN, batch {batch_size}", fontsize=9)
+        ax.set_title(f"Fashion-MNIST, {title}, batch {batch_size}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        path = os.path.join(out, f"b{batch_size}_{name}.png")
+        path = os.path.join(out, f"{prefix}b{batch_size}_{name}.png")
         fig.savefig(path)
         plt.close(fig)
         paths.append(path)

@@ -1,9 +1,14 @@
 """Training-step time of SGD, Adam and K-FAC, measured side by side in one process.
 
     python benchmarks/step_time.py [--rounds 5] [--steps 40] [--json out.json] [--only NAME,...]
+                                   [--models mlp,cnn,vit,mobilenet_v2] [--no-breakdown] [--warmup-steps N]
 
 Models: (a) MLP 784-256-256-10 at batch 256, (b) the AlexNet-style CNN of
-`keras_kfac.models.alexnet` at batch 128.  Data are random tensors already in memory.  Every
+`keras_kfac.models.alexnet` at batch 128, (c) the small ViT of `keras_kfac.models.vit` at batch
+128, (d) `keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)` at
+batch 128 (wrapped with `keras_kfac.wrap`).  The MLP and the CNN are compared to Adam, the ViT and
+MobileNetV2 to AdamW (the "x" column and the breakdown's reference step; Adam is timed too).
+Data are random tensors already in memory.  Every
 optimizer trains its own copy of the model (same initial weights); after warm-up (compilation
 and a first inversion) the configurations are timed in interleaved rounds, step by step, so
 that machine noise hits all of them alike.  The mean step time amortizes the periodic
@@ -12,9 +17,10 @@ statistics and inversions; the median and the interquartile range describe a typ
 The K-FAC breakdown is measured by difference: "statistics" is (K-FAC with statistics every
 step, no inversions) − (K-FAC with neither); "inversion" is the time of one call of the
 inversions (Cholesky inverses, the default) divided by `inverse_every`; "preconditioning" is (K-FAC with neither) −
-Adam, i.e. the preconditioned update and its bookkeeping.  The floor is the arithmetic of
-preconditioning (two products per side per block) over the arithmetic of a forward and
-backward pass, plus one.
+the reference (Adam or AdamW), i.e. the preconditioned update and its bookkeeping.  The floor is the arithmetic of
+preconditioning (two products per side per Kronecker block, per channel for depthwise blocks; the per-feature
+2x2 blocks of the normalization layers are not counted) over the arithmetic of a forward and backward pass
+(Dense, EinsumDense, Conv2D and DepthwiseConv2D kernels and the attention products), plus one.
 """
 
 from __future__ import annotations
@@ -33,28 +39,72 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_kfac  # noqa: E402
-from keras_kfac.models import alexnet, mlp  # noqa: E402
+from keras_kfac.models import alexnet, mlp, vit  # noqa: E402
 
 NEVER = 10**9  # a period no benchmark reaches
 
+# name -> (batch size, input shape of one example, reference optimizer of the "x" column)
+MODELS = {
+    "mlp": (256, (28, 28, 1), "adam"),
+    "cnn": (128, (28, 28, 1), "adam"),
+    "vit": (128, (28, 28, 1), "adamw"),
+    "mobilenet_v2": (128, (32, 32, 3), "adamw"),
+}
+REFERENCE_LABELS = {"adam": "Adam", "adamw": "AdamW"}
+
 
 def forward_backward_flops(model, batch: int) -> float:
-    """2·(multiply-adds) for the forward pass of every Dense/Conv2D kernel, times 3
-    (the backward pass computes two products of the same size)."""
+    """2·(multiply-adds) for the forward pass of every Dense/Conv2D/DepthwiseConv2D kernel (at
+    every output position) and of MultiHeadAttention (its four projections and the two products
+    QKᵀ and (softmax)V, self-attention assumed), times 3 (the backward pass computes two
+    products of the same size)."""
     total = 0.0
     for layer in model.layers:
-        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
-            positions = int(np.prod(layer.output.shape[1:-1])) if isinstance(layer, keras.layers.Conv2D) else 1
+        positions = 0
+        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            positions = int(np.prod(layer.output.shape[1:-1]))
             total += 2.0 * batch * positions * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.MultiHeadAttention):
+            tokens = int(np.prod(layer.output.shape[1:-1]))
+            projections = (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)
+            total += 2.0 * batch * tokens * sum(int(np.prod(d.kernel.shape)) for d in projections)
+            heads, key_dim = int(layer.query_dense.kernel.shape[-2]), int(layer.query_dense.kernel.shape[-1])
+            total += 2.0 * 2.0 * batch * heads * tokens * tokens * key_dim
     return 3.0 * total
 
 
+def block_preconditioning_flops(block) -> float:
+    """Two products per side: 2·dim_a²·dim_g + 2·dim_a·dim_g² (per channel for depthwise blocks);
+    0 for the per-feature blocks of normalization layers (a few flops per parameter)."""
+    part = getattr(block, "part", None)  # DepthwiseConv2DBlock: one Kronecker block per channel
+    if part is not None:
+        return part.channels * (2.0 * part.dim_a**2 * part.dim_g + 2.0 * part.dim_a * part.dim_g**2)
+    if hasattr(block, "dim_a") and hasattr(block, "dim_g"):
+        return 2.0 * block.dim_a**2 * block.dim_g + 2.0 * block.dim_a * block.dim_g**2
+    return 0.0
+
+
 def preconditioning_flops(blocks) -> float:
-    return sum(2.0 * b.dim_a**2 * b.dim_g + 2.0 * b.dim_a * b.dim_g**2 for b in blocks)
+    return sum(block_preconditioning_flops(b) for b in blocks)
 
 
-def make_model(name: str):
-    return mlp() if name == "mlp" else alexnet()
+def make_model(name: str) -> keras.Model:
+    """A fresh model of the benchmark `name` (see MODELS)."""
+    if name == "mlp":
+        return mlp()
+    if name == "cnn":
+        return alexnet()
+    if name == "vit":
+        return vit()
+    if name == "mobilenet_v2":
+        _, shape, _ = MODELS[name]
+        return keras_kfac.wrap(keras.applications.MobileNetV2(weights=None, input_shape=shape, classes=10))
+    raise ValueError(f"unknown model {name!r}; choose among {', '.join(MODELS)}")
+
+
+def variable_bytes(variables) -> int:
+    """float32 bytes of `variables`."""
+    return sum(4 * int(np.prod(v.shape)) for v in variables)
 
 
 # Random labels: a small learning rate keeps every optimizer finite (a non-finite step would be
@@ -67,6 +117,7 @@ def configurations() -> dict:
     return {
         "sgd": lambda: keras.optimizers.SGD(LEARNING_RATE, momentum=0.9),
         "adam": lambda: keras.optimizers.Adam(LEARNING_RATE),
+        "adamw": lambda: keras.optimizers.AdamW(LEARNING_RATE),
         "kfac (defaults)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE),
         "kfac (stats every step)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE, stats_every=1),
         "kfac (stats every step, 16 locations)": lambda: keras_kfac.KFAC(
@@ -136,25 +187,48 @@ def time_eigh(size: int, repeats: int, jit: bool) -> float:
     return statistics.median(times)
 
 
-def benchmark_model(model_name: str, batch: int, rounds: int, steps: int, only=None) -> dict:
+def benchmark_model(
+    model_name: str,
+    batch: int,
+    rounds: int,
+    steps: int,
+    only=None,
+    warmup_steps: int | None = None,
+    breakdown_configs: bool = True,
+) -> dict:
+    """Times every configuration (the core ones and `only`, all when None) on `model_name`;
+    without `breakdown_configs` the core is Adam, the reference and K-FAC's defaults (the
+    breakdown then has the reference step and the inversion only)."""
+    _, input_shape, reference_name = MODELS[model_name]
+    core = CORE if breakdown_configs else ("adam", "kfac (defaults)")
+    core += (reference_name,) if reference_name not in core else ()
     keras.utils.set_random_seed(0)
     reference = make_model(model_name)
     weights = reference.get_weights()
     rng = np.random.default_rng(0)
-    x = tf.constant(rng.uniform(size=(batch, 28, 28, 1)).astype("float32"))
+    x = tf.constant(rng.uniform(size=(batch, *input_shape)).astype("float32"))
     y = tf.constant(rng.integers(0, 10, size=batch))
-    configs = {name: make for name, make in configurations().items() if only is None or name in CORE or name in only}
+    configs = {name: make for name, make in configurations().items() if only is None or name in core or name in only}
     inverse_every = keras_kfac.KFAC().inverse_every
     runners = {name: Runner(model_name, weights, make, x, y) for name, make in configs.items()}
+    if warmup_steps is None:
+        warmup_steps = max(3, inverse_every + 2)
     for runner in runners.values():  # warm-up: compilation, first statistics and inversion
-        for _ in range(max(3, inverse_every + 2)):
+        for _ in range(warmup_steps):
             runner.step()
     samples = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
             samples[name].extend(runner.step() for _ in range(steps))
-    result = {"model": model_name, "batch": batch, "steps_per_config": rounds * steps, "configs": {}}
+    result = {
+        "model": model_name,
+        "batch": batch,
+        "steps_per_config": rounds * steps,
+        "reference": reference_name,
+        "configs": {},
+    }
     adam_mean = statistics.fmean(samples["adam"])
+    reference_mean = statistics.fmean(samples[reference_name])
     for name, values in samples.items():
         q1, median, q3 = np.percentile(values, [25, 50, 75])
         result["configs"][name] = {
@@ -162,6 +236,7 @@ def benchmark_model(model_name: str, batch: int, rounds: int, steps: int, only=N
             "median_ms": 1e3 * median,
             "iqr_ms": 1e3 * (q3 - q1),
             "ratio_to_adam": statistics.fmean(values) / adam_mean,
+            "ratio_to_reference": statistics.fmean(values) / reference_mean,
         }
     for name, runner in runners.items():
         skipped = getattr(runner.model.optimizer, "skipped_steps", None)
@@ -177,25 +252,25 @@ def benchmark_model(model_name: str, batch: int, rounds: int, steps: int, only=N
         inv_times.append(time.perf_counter() - start)
     inversion_ms = 1e3 * statistics.median(inv_times)
     c = result["configs"]
-    base = c["kfac (no stats, no inversions)"]["mean_ms"]
-    result["breakdown_ms"] = {
-        "adam step": c["adam"]["mean_ms"],
-        "preconditioning (+ bookkeeping)": base - c["adam"]["mean_ms"],
-        "statistics (per statistics step)": c["kfac (stats every step, no inversions)"]["mean_ms"] - base,
-        "of which the sampled targets' pass (sampled minus empirical Fisher)": c[
-            "kfac (stats every step, no inversions)"
-        ]["mean_ms"]
-        - c["kfac (same, empirical Fisher)"]["mean_ms"],
-        "inversion (per call)": inversion_ms,
-        "inversion (amortized over inverse_every)": inversion_ms / inverse_every,
-    }
+    breakdown = {f"{reference_name} step": c[reference_name]["mean_ms"]}
+    if breakdown_configs:
+        base = c["kfac (no stats, no inversions)"]["mean_ms"]
+        stats = c["kfac (stats every step, no inversions)"]["mean_ms"]
+        breakdown["preconditioning (+ bookkeeping)"] = base - c[reference_name]["mean_ms"]
+        breakdown["statistics (per statistics step)"] = stats - base
+        breakdown["of which the sampled targets' pass (sampled minus empirical Fisher)"] = (
+            stats - c["kfac (same, empirical Fisher)"]["mean_ms"]
+        )
+    breakdown["inversion (per call)"] = inversion_ms
+    breakdown["inversion (amortized over inverse_every)"] = inversion_ms / inverse_every
+    result["breakdown_ms"] = breakdown
     blocks = opt.blocks
-    weights_bytes = sum(4 * b.dim_a * b.dim_g for b in blocks)
+    factor_bytes = sum(variable_bytes(b.statistics_variables) for b in blocks)
     result["memory_mib"] = {
-        "weights (blocks)": weights_bytes / 2**20,
-        "factors A, G": sum(4 * (b.dim_a**2 + b.dim_g**2) for b in blocks) / 2**20,
-        # What the default (factored) damping keeps besides the factors: the two damped inverses.
-        "inverses": sum(b.memory_bytes() - 4 * (b.dim_a**2 + b.dim_g**2) for b in blocks) / 2**20,
+        "weights (blocks)": sum(variable_bytes(b.variables) for b in blocks) / 2**20,
+        "factors A, G": factor_bytes / 2**20,  # the statistics (per-feature Fisher blocks of norm layers too)
+        # What the default (factored) damping keeps besides the factors: the damped inverses.
+        "inverses": (sum(b.memory_bytes() for b in blocks) - factor_bytes) / 2**20,
     }
     fb = forward_backward_flops(reference, batch)
     result["floor_ratio"] = 1.0 + preconditioning_flops(blocks) / fb
@@ -226,10 +301,13 @@ def print_report(results: list, eigh: dict, info: dict) -> None:
     )
     for r in results:
         print(f"\n## {r['model']} at batch {r['batch']} ({r['steps_per_config']} timed steps per configuration)")
-        print(f"{'optimizer':40s} {'mean ms':>9s} {'median ms':>10s} {'IQR ms':>8s} {'x Adam':>7s}")
+        label = REFERENCE_LABELS[r.get("reference", "adam")]
+        times = f"x {label}"
+        print(f"{'optimizer':40s} {'mean ms':>9s} {'median ms':>10s} {'IQR ms':>8s} {times:>7s}")
         for name, c in r["configs"].items():
-            print(f"{name:40s} {c['mean_ms']:9.2f} {c['median_ms']:10.2f} {c['iqr_ms']:8.2f} {c['ratio_to_adam']:7.2f}")
-        print(f"floor (1 + preconditioning flops / forward-backward flops): {r['floor_ratio']:.2f}x Adam")
+            ratio = c.get("ratio_to_reference", c["ratio_to_adam"])
+            print(f"{name:40s} {c['mean_ms']:9.2f} {c['median_ms']:10.2f} {c['iqr_ms']:8.2f} {ratio:7.2f}")
+        print(f"floor (1 + preconditioning flops / forward-backward flops): {r['floor_ratio']:.2f}x {label}")
         print("K-FAC breakdown (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["breakdown_ms"].items()))
         print("memory (MiB): " + ", ".join(f"{k} {v:.2f}" for k, v in r["memory_mib"].items()))
     print("\n## eigendecomposition of one factor (median seconds)")
@@ -241,16 +319,32 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=40, help="steps per configuration per round")
-    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--models", default="mlp,cnn,vit,mobilenet_v2", help=f"among {', '.join(MODELS)}")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=None, help="untimed steps per configuration (default: inverse_every + 2)"
+    )
+    parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="time only Adam, the reference and K-FAC's defaults (no K-FAC variants for the breakdown)",
+    )
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--skip-eigh", action="store_true")
     parser.add_argument(
         "--only", default=None, help="comma-separated configurations to add to the core ones (default: all)"
     )
     args = parser.parse_args(argv)
-    sizes = {"mlp": 256, "cnn": 128}
     only = None if args.only is None else args.only.split(",")
-    results = [benchmark_model(m, sizes[m], args.rounds, args.steps, only) for m in args.models.split(",")]
+    if args.no_breakdown and only is None:
+        only = []  # the short core alone
+    names = args.models.split(",")
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown models {unknown}; choose among {', '.join(MODELS)}")
+    results = [
+        benchmark_model(m, MODELS[m][0], args.rounds, args.steps, only, args.warmup_steps, not args.no_breakdown)
+        for m in names
+    ]
     eigh = {}
     if not args.skip_eigh:
         eigh["1024x1024, plain tf.function"] = time_eigh(1024, 5, jit=False)

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import keras
 
-from keras_kfac.model import Sequential
+from keras_kfac.model import Model, Sequential
 
-__all__ = ["alexnet", "mlp", "deep_autoencoder"]
+__all__ = ["alexnet", "mlp", "deep_autoencoder", "vit"]
 
 # The MNIST deep autoencoder of Hinton & Salakhutdinov (2006), as in Martens & Grosse (2015).
 AUTOENCODER_UNITS = (1000, 500, 250, 30, 250, 500, 1000)
@@ -109,3 +109,61 @@ def deep_autoencoder(inputs: int = 784, units: Sequence[int] = AUTOENCODER_UNITS
         layers.append(keras.layers.Dense(width, activation=activation, name=f"dense{i + 1}"))
     layers.append(keras.layers.Dense(inputs, name="logits"))
     return Sequential(layers, name="deep_autoencoder")
+
+
+def vit(
+    input_shape: tuple[int, int, int] = (28, 28, 1),
+    num_classes: int = 10,
+    patch_size: int = 4,
+    dim: int = 64,
+    depth: int = 4,
+    num_heads: int = 4,
+    mlp_dim: int = 128,
+    dropout: float = 0.0,
+) -> Model:
+    """A small Vision Transformer (Dosovitskiy et al., 2021) for 28x28 images, built from layers
+    that K-FAC gives a curvature block.
+
+    - Patch embedding: `Conv2D(dim, patch_size, strides=patch_size)` (one Dense map per
+      non-overlapping patch), reshaped to (tokens, dim): 49 tokens of 4x4 pixels with the defaults
+      (`patch_size` must divide the image sides; 7 gives 16 tokens).
+    - Learned position embedding: an `Embedding(tokens, dim)` looked up at the position indices
+      0 .. tokens-1 of every example (an Embedding layer rather than a bare weight, so that its
+      parameters get a block) and added to the tokens.
+    - `depth` pre-LN Transformer blocks: x + MultiHeadAttention(LN(x)) (`num_heads` heads of
+      `dim // num_heads` features; its query/key/value/output projections are EinsumDense layers),
+      then x + Dense(dim)(Dense(mlp_dim, gelu)(LN(x))).
+    - A final LayerNormalization, the mean over tokens and a softmax `Dense(num_classes)`.
+
+    No class token: mean pooling over the tokens.  `dropout` applies after the attention and the
+    MLP of every block (0 by default).  With the defaults: 138,890 parameters (1,088 patch
+    embedding, 3,136 position embedding, 33,472 per block, 128 final LayerNormalization, 650 head).
+    """
+    height, width, _ = input_shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"patch_size={patch_size} does not divide the image sides {height}x{width}")
+    if dim % num_heads:
+        raise ValueError(f"dim={dim} is not a multiple of num_heads={num_heads}")
+    tokens = (height // patch_size) * (width // patch_size)
+    inputs = keras.Input(shape=input_shape)
+    x = keras.layers.Conv2D(dim, patch_size, strides=patch_size, name="patch_embedding")(inputs)
+    x = keras.layers.Reshape((tokens, dim), name="tokens")(x)
+    # Position indices (batch, tokens): 0 .. tokens-1 for every example.
+    positions = keras.ops.zeros_like(x[..., 0], dtype="int32") + keras.ops.arange(tokens, dtype="int32")
+    x = x + keras.layers.Embedding(tokens, dim, name="position_embedding")(positions)
+    for i in range(1, depth + 1):
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln1")(x)
+        h = keras.layers.MultiHeadAttention(num_heads, dim // num_heads, name=f"block{i}_attention")(h, h)
+        if dropout:
+            h = keras.layers.Dropout(dropout, name=f"block{i}_dropout1")(h)
+        x = keras.layers.Add(name=f"block{i}_residual1")([x, h])
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"block{i}_ln2")(x)
+        h = keras.layers.Dense(mlp_dim, activation="gelu", name=f"block{i}_mlp1")(h)
+        h = keras.layers.Dense(dim, name=f"block{i}_mlp2")(h)
+        if dropout:
+            h = keras.layers.Dropout(dropout, name=f"block{i}_dropout2")(h)
+        x = keras.layers.Add(name=f"block{i}_residual2")([x, h])
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="final_ln")(x)
+    x = keras.layers.GlobalAveragePooling1D(name="pool")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="predictions")(x)
+    return Model(inputs, outputs, name="vit")

@@ -1,12 +1,14 @@
-"""keras_kfac.models: AlexNet for 28x28 images and the MLP."""
+"""keras_kfac.models: AlexNet for 28x28 images, the MLP and the small Vision Transformer."""
 
 import re
 
 import keras
 import numpy as np
+import pytest
 
-from keras_kfac.model import Sequential
-from keras_kfac.models import alexnet, mlp
+import keras_kfac
+from keras_kfac.model import Model, Sequential
+from keras_kfac.models import alexnet, mlp, vit
 
 
 def _layers_of(model, cls):
@@ -57,3 +59,28 @@ def test_mlp_parameter_count():
     assert model.count_params() == int(documented.replace(",", ""))
     assert [d.units for d in _layers_of(model, keras.layers.Dense)] == [256, 256, 10]
     assert mlp(hidden=(32,)).count_params() == 784 * 32 + 32 + 32 * 10 + 10
+
+
+def test_vit_layout_and_documented_parameter_count():
+    model = vit()
+    assert isinstance(model, Model) and model.output_shape == (None, 10)
+    documented = re.search(r"With the defaults: ([\d,]+) parameters", vit.__doc__).group(1)
+    assert model.count_params() == int(documented.replace(",", ""))
+    assert len(_layers_of(model, keras.layers.MultiHeadAttention)) == 4
+    assert model.get_layer("patch_embedding").strides == (4, 4)
+    assert model.get_layer("position_embedding").input_dim == 49
+    probs = keras.ops.convert_to_numpy(model(np.zeros((2, 28, 28, 1), "float32")))
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    small = vit(patch_size=7, dim=32, depth=2, num_heads=2, mlp_dim=64)
+    assert small.get_layer("position_embedding").input_dim == 16
+    with pytest.raises(ValueError, match="patch_size"):
+        vit(patch_size=5)
+
+
+@pytest.mark.parametrize("weight_sharing", [None, "reduce"])
+def test_vit_parameters_are_all_under_curvature_blocks(weight_sharing):
+    model = vit()
+    model.compile(optimizer=keras_kfac.KFAC(weight_sharing=weight_sharing), loss="sparse_categorical_crossentropy")
+    last = model.kfac_summary(print_fn=None).splitlines()[-1]
+    assert "Updated by the fallback optimizer" not in model.kfac_summary(print_fn=None)
+    assert last.endswith("(100.0%)"), last
