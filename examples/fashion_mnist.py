@@ -50,9 +50,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--optimizer", choices=["kfac", "adam", "sgd"], default="kfac")
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every Fashion-MNIST example shares (epochs, batch size, data, seed, logging)."""
     parser.add_argument("--epochs", type=positive_int, default=5)
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--data-dir", default=None, help="folder with the four official IDX .gz files")
@@ -63,19 +62,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--test-examples", type=positive_int, default=None, help="evaluate on the first N test images")
     parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
     parser.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard logs to DIR")
-    args = parser.parse_args(argv)
 
+
+def train_and_evaluate(build_model, optimizer: keras.optimizers.Optimizer, args, label: str) -> dict:
+    """Seeds, builds the model with `build_model()`, fits it on Fashion-MNIST as `args` say and
+    prints (and returns) the test loss and accuracy."""
     keras.utils.set_random_seed(args.seed)
     train, test = fashion_mnist(args.batch_size, data_dir=args.data_dir, shuffle_seed=args.seed)
     if args.test_examples:
         test = test.unbatch().take(args.test_examples).batch(args.batch_size)
-    model = alexnet()
-    model.compile(
-        optimizer=make_optimizer(args.optimizer),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    if args.optimizer == "kfac":
+    model = build_model()
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    if isinstance(optimizer, keras_kfac.KFAC):
         model.kfac_summary()
     callbacks = [keras.callbacks.TensorBoard(args.tensorboard)] if args.tensorboard else []
     # One iterator over a repeated pipeline for the whole fit (each pass is reshuffled and ends
@@ -91,8 +89,16 @@ def main(argv=None) -> dict:
         shuffle=False,  # the pipeline itself reshuffles every epoch; Keras would warn that it ignores shuffle=True
     )
     loss, accuracy = model.evaluate(test, verbose=0)
-    print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f} ({args.optimizer}, {args.epochs} epochs)")
+    print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f} ({label}, {args.epochs} epochs)")
     return {"test_loss": loss, "test_accuracy": accuracy, "history": history.history}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--optimizer", choices=["kfac", "adam", "sgd"], default="kfac")
+    add_training_arguments(parser)
+    args = parser.parse_args(argv)
+    return train_and_evaluate(alexnet, make_optimizer(args.optimizer), args, args.optimizer)
 
 
 if __name__ == "__main__":

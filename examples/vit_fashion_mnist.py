@@ -25,10 +25,9 @@ import quiet_tensorflow  # noqa: F401  (before TensorFlow: drops its start-up IN
 
 # isort: split
 import keras
-from fashion_mnist import positive_int  # the sibling example's argument check
+from fashion_mnist import add_training_arguments, positive_int, train_and_evaluate  # the sibling example's
 
 import keras_kfac
-from keras_kfac.datasets import fashion_mnist
 from keras_kfac.models import vit
 
 OPTIMIZERS = ("kfac", "adamw", "adam", "muon")
@@ -51,8 +50,6 @@ def make_optimizer(name: str, weight_sharing: str | None = None) -> keras.optimi
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="kfac")
-    parser.add_argument("--epochs", type=positive_int, default=5)
-    parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument(
         "--weight-sharing",
         choices=["expand", "reduce"],
@@ -60,44 +57,13 @@ def main(argv=None) -> dict:
         help="K-FAC only: KFAC-expand (default) or KFAC-reduce for the layers applied to every token",
     )
     parser.add_argument("--depth", type=positive_int, default=4, help="Transformer blocks (4: the benchmarked model)")
-    parser.add_argument("--data-dir", default=None, help="folder with the four official IDX .gz files")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--steps-per-epoch", type=positive_int, default=None, help="shorten each epoch (for smoke tests)"
-    )
-    parser.add_argument("--test-examples", type=positive_int, default=None, help="evaluate on the first N test images")
-    parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
-    parser.add_argument("--tensorboard", metavar="DIR", default=None, help="write TensorBoard logs to DIR")
+    add_training_arguments(parser)
     args = parser.parse_args(argv)
     if args.weight_sharing is not None and args.optimizer != "kfac":
         parser.error(f"--weight-sharing applies to --optimizer kfac only, not {args.optimizer}")
-
-    keras.utils.set_random_seed(args.seed)
-    train, test = fashion_mnist(args.batch_size, data_dir=args.data_dir, shuffle_seed=args.seed)
-    if args.test_examples:
-        test = test.unbatch().take(args.test_examples).batch(args.batch_size)
-    model = vit(depth=args.depth)
-    model.compile(
-        optimizer=make_optimizer(args.optimizer, args.weight_sharing),
-        loss="sparse_categorical_crossentropy",
-        metrics=["accuracy"],
-    )
-    if args.optimizer == "kfac":
-        model.kfac_summary()
-    callbacks = [keras.callbacks.TensorBoard(args.tensorboard)] if args.tensorboard else []
-    # One iterator over a repeated pipeline for the whole fit, as in examples/fashion_mnist.py.
-    history = model.fit(
-        train.repeat(),
-        epochs=args.epochs,
-        steps_per_epoch=args.steps_per_epoch or int(train.cardinality()),
-        verbose=args.verbose,
-        callbacks=callbacks,
-        shuffle=False,  # the pipeline itself reshuffles every epoch
-    )
-    loss, accuracy = model.evaluate(test, verbose=0)
     label = args.optimizer + (f", {args.weight_sharing}" if args.weight_sharing else "")
-    print(f"test loss {loss:.4f}, test accuracy {accuracy:.4f} ({label}, {args.epochs} epochs)")
-    return {"test_loss": loss, "test_accuracy": accuracy, "history": history.history}
+    optimizer = make_optimizer(args.optimizer, args.weight_sharing)
+    return train_and_evaluate(lambda: vit(depth=args.depth), optimizer, args, label)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 import importlib.util
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -33,7 +34,8 @@ def _synthetic(batch_size, data_dir=None, shuffle_seed=None):
 
 def test_vit_example_trains_with_kfac_reduce(monkeypatch, capsys):
     example = _example(monkeypatch)
-    monkeypatch.setattr(example, "fashion_mnist", _synthetic)
+    # The data are loaded by the sibling example's train_and_evaluate, which the ViT example reuses.
+    monkeypatch.setattr(sys.modules["fashion_mnist"], "fashion_mnist", _synthetic)
     # One Transformer block instead of four keeps the tracing of the K-FAC step short.
     args = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "32", "--depth", "1", "--verbose", "0"]
     result = example.main(args + ["--weight-sharing", "reduce"])
