@@ -41,25 +41,20 @@ def optimizer_from(expression: str):
 
 
 def run_one(expression, weights, train_arrays, eval_data, batch_size, seed, epochs, eval_every):
-    keras.utils.set_random_seed(seed)
-    model = keras_kfac.models.alexnet()
-    model.set_weights(weights)
-    model.compile(optimizer=optimizer_from(expression), loss="sparse_categorical_crossentropy")
-    recorder = compare.Recorder(eval_every, eval_data)
-    x, y = train_arrays
-    model.fit(compare.batches(x, y, batch_size, seed), epochs=epochs, verbose=0, callbacks=[recorder])
-    if not recorder.evals or recorder.evals[-1]["step"] != len(recorder.losses):
-        recorder.evaluate(len(recorder.losses))
-    return {
-        "expression": expression,
-        "batch_size": batch_size,
-        "seed": seed,
-        "epochs": epochs,
-        "losses": recorder.losses,
-        "step_seconds": recorder.step_seconds,
-        "evals": recorder.evals,
-        "source_digest": compare.source_digest(),
-    }
+    """`compare_optimizers.train` with the optimizer of `expression`, labelled by it."""
+    run = compare.train(
+        expression,
+        {},
+        weights,
+        train_arrays,
+        batch_size,
+        seed,
+        epochs,
+        eval_every,
+        eval_data,
+        make=lambda expr, _settings: optimizer_from(expr),
+    )
+    return run | {"expression": expression, "batch_size": batch_size, "epochs": epochs}
 
 
 def row(run: dict) -> str:
