@@ -7,6 +7,13 @@ columns: the output side g) and its curvature A ⊗ G acts on the row-major vect
 - `EigenInversion` ("eigen"): with A = Q_A diag(a) Q_Aᵀ and G = Q_G diag(g) Q_Gᵀ stored at each
   inversion, U = Q_A [(Q_Aᵀ V Q_G) / (a gᵀ + λ)] Q_Gᵀ solves (A ⊗ G + λI) vec(U) = vec(V)
   exactly, with the λ of the current step.
+- `EigenbasisAdamInversion` ("eigen_adam"): the eigenbases of "eigen", but the scaling of
+  each coordinate of R = Q_Aᵀ V Q_G is Adam's: s ← β₂ s + (1 − β₂) R², updated at every step
+  from the gradient, and U = Q_A [R / (√(s / (1 − β₂ᵗ)) + ε)] Q_Gᵀ (t counts the updates of s;
+  β₂ = 0.999, ε = 1e-7 as `keras.optimizers.Adam`).  That is Adam run in the Kronecker
+  eigenbasis (SOAP, Vyas et al. 2024, with K-FAC's basis in place of Shampoo's); λ is not used.
+  Before the first inversion Q = I and the step is Adam's direction.  Blocks that hold no
+  moment state (per-channel depthwise blocks) apply it as "eigen".
 - `FactoredInversion` ("factored"): stores (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ (Cholesky) at each
   inversion, π = sqrt((tr A / dim A) / (tr G / dim G)), and applies U = Ã⁻¹ V G̃⁻¹.
 
@@ -81,6 +88,32 @@ class EigenInversion:
         return side_g.multiply(side_a.multiply(scaled, vec_a, 0), vec_g, 1, transpose=True)
 
 
+class EigenbasisAdamInversion(EigenInversion):
+    """Adam's per-coordinate scaling in the Kronecker eigenbasis (see module doc)."""
+
+    name = "eigen_adam"
+    beta_2 = 0.999
+    epsilon = 1e-7
+
+    def moment_specs(self) -> list:
+        """(shape, initializer, name) of the state updated at every step: the second moment of
+        the rotated gradient and the count of its updates."""
+        side_a, side_g = self.sides
+        return [((side_a.size, side_g.size), "zeros", "basis_second_moment"), ((), "zeros", "basis_moment_count")]
+
+    def apply_with_moments(self, state, moments, matrix: tf.Tensor) -> tf.Tensor:
+        """Updates `moments` with `matrix` (the gradient) and returns the direction."""
+        (_, vec_a), (_, vec_g) = self._split(state)
+        side_a, side_g = self.sides
+        second, count = moments
+        rotated = side_g.multiply(side_a.multiply(matrix, vec_a, 0, transpose=True), vec_g, 1)
+        second.assign(self.beta_2 * second + (1.0 - self.beta_2) * tf.square(rotated))
+        count.assign_add(1.0)
+        correction = 1.0 - tf.pow(self.beta_2, count)
+        scaled = rotated / (tf.sqrt(second / correction) + self.epsilon)
+        return side_g.multiply(side_a.multiply(scaled, vec_a, 0), vec_g, 1, transpose=True)
+
+
 class FactoredInversion:
     """Factored Tikhonov damping with explicit inverses (see module doc)."""
 
@@ -112,4 +145,4 @@ class FactoredInversion:
         return side_g.multiply(side_a.multiply(matrix, inverse_a, 0), inverse_g, 1)
 
 
-INVERSIONS = {cls.name: cls for cls in (EigenInversion, FactoredInversion)}
+INVERSIONS = {cls.name: cls for cls in (EigenInversion, EigenbasisAdamInversion, FactoredInversion)}

@@ -91,7 +91,10 @@ class KFAC(keras.optimizers.Optimizer):
             (four small products per block and step); "factored" applies the inverse of
             (A + π√λ I) ⊗ (G + √λ/π I), π = sqrt((tr A / dim A) / (tr G / dim G)), stored as two
             explicit inverses computed by Cholesky at each inversion (two products per step; a
-            damping schedule takes effect at the inversions).  See `keras_kfac.inversion`.
+            damping schedule takes effect at the inversions); "eigen_adam" keeps the eigenbases
+            of "eigen" and scales each coordinate of the rotated gradient by Adam's second
+            moment there instead of 1 / (a gᵀ + λ) (SOAP-like; λ unused).  See
+            `keras_kfac.inversion`.
         kl_clip: if set, the step is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))) (with an
             automatic α, by the same bound with α as lr).
         adapt_damping: Levenberg–Marquardt damping: every `damping_every` steps λ is multiplied

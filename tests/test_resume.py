@@ -67,7 +67,9 @@ def _assert_same_run(expected, actual, exact):
         check(b.numpy(), a)
 
 
-@pytest.mark.parametrize("fisher, damping_mode", [("empirical", "factored"), ("sampled", "eigen")])
+@pytest.mark.parametrize(
+    "fisher, damping_mode", [("empirical", "factored"), ("sampled", "eigen"), ("sampled", "eigen_adam")]
+)
 def test_keras_file_resume_equals_the_uninterrupted_run(tmp_path, fisher, damping_mode):
     expected = _uninterrupted(fisher, damping_mode)
     first = _model(fisher, damping_mode=damping_mode)

@@ -40,6 +40,7 @@ class KroneckerBlock(CurvatureBlock):
         self.size_sides()
         self.factor_a = self.factor_g = None
         self._inverse = []
+        self._moments = []
 
     def size_sides(self, side_a=None, side_g=None) -> None:
         """(Re)makes the factor sides for `dim_a`, `dim_g` (dense up to `max_factor_size`, else
@@ -112,7 +113,9 @@ class KroneckerBlock(CurvatureBlock):
         self.factor_a = add_variable(self.side_a.shape, "zeros", "factor_a")
         self.factor_g = add_variable(self.side_g.shape, "zeros", "factor_g")
         self._inverse = [add_variable(shape, init, name) for shape, init, name in self.inversion.state_specs()]
-        self.state_variables = [self.factor_a, self.factor_g, *self._inverse]
+        moment_specs = getattr(self.inversion, "moment_specs", lambda: [])()
+        self._moments = [add_variable(shape, init, name) for shape, init, name in moment_specs]
+        self.state_variables = [self.factor_a, self.factor_g, *self._inverse, *self._moments]
 
     @property
     def statistics_variables(self) -> list:
@@ -160,6 +163,10 @@ class KroneckerBlock(CurvatureBlock):
         return [kernel, tf.reshape(matrix[self.in_features], self.bias.shape)]
 
     def multiply_matrix(self, matrix: tf.Tensor, damping) -> tf.Tensor:
+        """The block's direction for the gradient `matrix`; with "eigen_adam" this also updates
+        the block's per-step moments, so it runs once per step (the directions phase)."""
+        if self._moments:
+            return self.inversion.apply_with_moments(self._inverse, self._moments, matrix)
         return self.inversion.apply(self._inverse, matrix, damping)
 
     def multiply_inverse(self, grads: list, damping) -> list:
@@ -179,5 +186,6 @@ class KroneckerBlock(CurvatureBlock):
     def memory_bytes(self) -> int:
         if self.state_variables:
             return super().memory_bytes()
-        specs = [self.side_a.shape, self.side_g.shape] + [s for s, _, _ in self.inversion.state_specs()]
+        moment_specs = getattr(self.inversion, "moment_specs", lambda: [])()
+        specs = [self.side_a.shape, self.side_g.shape] + [s for s, _, _ in self.inversion.state_specs() + moment_specs]
         return sum(4 * math.prod(s) for s in specs)
