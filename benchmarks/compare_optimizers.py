@@ -1,32 +1,46 @@
-"""K-FAC vs Adam vs SGD-momentum on Fashion-MNIST with the AlexNet-style CNN.
+"""K-FAC against the first-order optimizers Keras ships, on Fashion-MNIST with the AlexNet-style CNN.
 
     python benchmarks/compare_optimizers.py [--batch-sizes 128,1024] [--epochs 5] [--seeds 0,1,2]
-                                            [--sweep-steps 0] [--out benchmarks/results]
+                                            [--kinds kfac,adam,...] [--sweep-steps 0] [--sweep-only]
+                                            [--data-dir DIR] [--out benchmarks/results] [--resume]
 
-For each batch size:
+Rows: `KFAC()` (the package defaults, not tuned here), `kfac_adaptive` (the "no tuning" automatic
+step size, momentum and damping), and Adam, AdamW (Keras' weight decay 0.004), Muon (Keras':
+Newton-Schulz orthogonalized momentum for the 2-D kernels fc1 and fc2, its AdamW step for the
+convolutions, the biases and the softmax layer, which `exclude_layers` leaves to AdamW),
+ScheduleFreeAdamW (`sf_adamw`, evaluated at its averaged point x, as its authors prescribe) and
+SGD with momentum 0.9.  For each batch size:
 
-1. **Sweep** (seed 0): every candidate of `SWEEP` trains on the training set minus its last
-   5,000 examples for `--sweep-steps` steps (default: one epoch) and is scored by its accuracy
-   on those 5,000 held-out examples; the test set is never looked at.  The best candidate of
-   each optimizer is kept.
-2. **Runs**: the kept settings train on the full training set for `--epochs` epochs from the
-   same initial weights (per seed) and the same batches, once per seed.  Train loss is recorded
-   every step, test accuracy every `eval_every` steps (on all 10,000 test images), and the
-   wall-clock of the training steps alone (evaluation excluded).
+1. **Sweep** (seed 0) of the first-order optimizers: each of `LEARNING_RATES[kind]` (four rates
+   over at least 30x), each constant and with a linear warm-up over the first 5% of the run
+   followed by a cosine decay to zero ("cosine"; ScheduleFreeAdamW, which replaces schedules,
+   takes the warm-up alone), trains on the training set minus its last 5,000 examples for
+   `--sweep-steps` steps (default: one epoch) and is scored by its accuracy on those 5,000
+   held-out examples; the test set is never looked at.  A schedule spans its own run (the
+   sweep's steps there, the full run's afterwards).  The best candidate of each is kept.
+   K-FAC rows are not swept.  `--sweep-only` stops after the sweep (its scores do not depend on
+   timings, so it may run on a busy machine; the timed runs should run alone).
+2. **Runs**: every row trains on the full training set for `--epochs` epochs from the same
+   initial weights (per seed) and the same batches.  Train loss every step, test accuracy
+   `--evals-per-epoch` times an epoch (all 10,000 test images), wall-clock of the training steps
+   alone (evaluation excluded).
 
-It writes `<out>/compare_b<batch>.json` (after every run: `--resume` continues an interrupted
-benchmark with the same sweep, provided the keras_kfac sources are unchanged; `--rerun-kinds
-kfac_adaptive` trains that row again on the saved sweep and other rows, and the table then names
-the sources of each row), three PNG plots
-per batch size (train loss vs steps, test accuracy vs steps, test accuracy vs seconds; mean
-and min–max band over seeds), and prints a table: steps and seconds to 85/88/90% test
-accuracy, steps to Adam's final training loss, final test accuracy, mean step time and its
-ratio to Adam's.
+It writes `<out>/compare_b<batch>.json` after every run (`--resume` keeps the sweep and the
+finished runs when the run settings are unchanged; with other keras_kfac sources the K-FAC rows
+are trained again, the first-order rows kept, and the table names the sources of each row;
+`--rerun-kinds a,b` trains those rows again), three PNG plots per batch size (train loss vs
+steps, test accuracy vs steps and vs seconds; mean and min-max band over seeds) and prints a
+table: steps and seconds to the **best first-order optimizer's** final test accuracy (mean over
+seeds; "—" when a seed never gets there), final test accuracy, final train loss (50-step moving
+average), mean step time and its ratio to Adam's.  `--max-steps N` (with a small
+`--sweep-steps`) is a smoke run.  `benchmarks/vit.py` runs the same protocol on a ViT.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -45,36 +59,91 @@ from keras_kfac.datasets import load_arrays  # noqa: E402
 from keras_kfac.models import alexnet  # noqa: E402
 
 VALIDATION_SIZE = 5000
-THRESHOLDS = (0.85, 0.88, 0.90)
 EVAL_BATCH = 2000
 SMOOTHING = 50  # steps in the moving average used to compare training losses
 
-# Candidates per optimizer: name -> list of keyword dicts.  K-FAC's grid covers the levers the
-# issue names (grafting, damping, statistics subsample and periods) around the prototype's
-# best settings; the first Adam/SGD entries are Keras' usual defaults.
-SWEEP = {
-    "adam": [{"learning_rate": lr} for lr in (3e-4, 1e-3, 3e-3)],
-    "sgd": [{"learning_rate": lr} for lr in (0.01, 0.03, 0.1)],
-    "kfac": [
-        {},  # the package defaults
-        {"learning_rate": 3e-3},
-        {"damping": 1e-3},
-        {"stats_every": 5, "inverse_every": 20},
-        {"stats_locations": 16},
-    ],
-    # "No tuning": the automatic step size and momentum with Levenberg-Marquardt damping from the
-    # paper's starting damping.  One candidate, so the sweep does not train it.
-    "kfac_adaptive": [{"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0}],
+# Each first-order optimizer's grid: four rates over >= 30x around Keras' default.
+LEARNING_RATES = {
+    "adam": (1e-4, 3e-4, 1e-3, 3e-3),
+    "adamw": (1e-4, 3e-4, 1e-3, 3e-3),
+    "muon": (1e-3, 3e-3, 1e-2, 3e-2),
+    "sf_adamw": (3e-4, 1e-3, 3e-3, 1e-2),
+    "sgd": (3e-3, 1e-2, 3e-2, 1e-1),
 }
-KINDS = ("kfac", "kfac_adaptive", "adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+WARMUP_FRACTION = 0.05  # of a run's steps, before the cosine decay
+# K-FAC rows, not swept: the package defaults, and the "no tuning" configuration (automatic step
+# size and momentum, Levenberg-Marquardt damping from the paper's starting damping).
+KFAC_SETTINGS = {
+    "kfac": {},
+    "kfac_adaptive": {"learning_rate": None, "momentum": None, "adapt_damping": True, "damping": 150.0},
+}
+FIRST_ORDER = tuple(LEARNING_RATES)
+KINDS = (*KFAC_SETTINGS, *FIRST_ORDER)
+COLORS = {
+    "kfac": "tab:red",
+    "kfac_adaptive": "tab:purple",
+    "adam": "tab:blue",
+    "adamw": "tab:cyan",
+    "muon": "tab:green",
+    "sf_adamw": "tab:olive",
+    "sgd": "tab:gray",
+}
 
 
-def make_optimizer(kind: str, settings: dict):
+def sweep_table(kfac_settings: dict, learning_rates: dict) -> dict:
+    """kind -> candidate settings: every learning rate with each schedule for the first-order
+    optimizers, the one setting of each K-FAC row (kept untrained)."""
+    table = {kind: [settings] for kind, settings in kfac_settings.items()}
+    for kind, rates in learning_rates.items():
+        table[kind] = [{"learning_rate": lr, "schedule": s} for lr in rates for s in SCHEDULES]
+    return table
+
+
+def warmup_steps(total_steps: int) -> int:
+    return max(1, round(WARMUP_FRACTION * total_steps))
+
+
+def learning_rate(settings: dict, total_steps: int):
+    """A constant rate, or linear warm-up over `WARMUP_FRACTION` of `total_steps` to it followed by a
+    cosine decay to zero at `total_steps`."""
+    rate = settings["learning_rate"]
+    if settings.get("schedule", "constant") == "constant":
+        return rate
+    warmup = warmup_steps(total_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, decay_steps=max(1, total_steps - warmup), warmup_target=rate, warmup_steps=warmup
+    )
+
+
+def make_optimizer(kind: str, settings: dict, total_steps: int) -> keras.optimizers.Optimizer:
+    """The optimizer of a row: `KFAC(**settings)` for a K-FAC row (any kind starting "kfac"), else
+    the first-order optimizer with its schedule over `total_steps`."""
+    if kind.startswith("kfac"):
+        return keras_kfac.KFAC(**settings)
+    if kind == "sf_adamw":  # schedule-free: "cosine" means its own warm-up, no decay
+        cosine = settings.get("schedule", "constant") != "constant"
+        return keras.optimizers.ScheduleFreeAdamW(
+            settings["learning_rate"], warmup_steps=warmup_steps(total_steps) if cosine else 0
+        )
+    rate = learning_rate(settings, total_steps)
     if kind == "adam":
-        return keras.optimizers.Adam(**settings)
+        return keras.optimizers.Adam(rate)
+    if kind == "adamw":
+        return keras.optimizers.AdamW(rate)
+    if kind == "muon":
+        return keras.optimizers.Muon(rate, exclude_layers=["predictions"])
     if kind == "sgd":
-        return keras.optimizers.SGD(momentum=0.9, **settings)
-    return keras_kfac.KFAC(**settings)
+        return keras.optimizers.SGD(rate, momentum=0.9)
+    raise ValueError(f"unknown kind {kind!r}")
+
+
+def label(kind: str, settings: dict) -> str:
+    """Short description of a row's settings for the table."""
+    if kind.startswith("kfac"):
+        arguments = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        return f"KFAC({arguments})"
+    return f"lr {settings['learning_rate']:g}, {settings.get('schedule', 'constant')}"
 
 
 def batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
@@ -87,6 +156,28 @@ def batches(x, y, batch_size: int, seed: int) -> tf.data.Dataset:
 def training_seconds(step_seconds, step: int) -> float:
     """Training time up to `step`, without the first step (one-time tracing and compilation)."""
     return float(np.sum(step_seconds[1:step]))
+
+
+@contextlib.contextmanager
+def evaluation_point(model):
+    """Inside: the weights a model is evaluated at.  For ScheduleFreeAdamW that is its averaged
+    point x = (y − (1 − β₁) z) / β₁ (the model holds the interpolation y; z is the optimizer's
+    "momentum" variable); for every other optimizer the weights as they are."""
+    optimizer = getattr(model, "optimizer", None)
+    if not isinstance(optimizer, keras.optimizers.ScheduleFreeAdamW) or not optimizer.built:
+        yield
+        return
+    beta_1 = float(optimizer.beta_1)
+    saved = []
+    for variable in model.trainable_variables:
+        z = optimizer._momentums[optimizer._get_variable_index(variable)]
+        saved.append((variable, variable.numpy()))
+        variable.assign((variable.value - (1.0 - beta_1) * z.value) / beta_1)
+    try:
+        yield
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
 
 
 class Recorder(keras.callbacks.Callback):
@@ -126,10 +217,11 @@ class Recorder(keras.callbacks.Callback):
             model = self.model
             self._predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
         images, labels = self.eval_data
-        correct = sum(
-            int(np.sum(self._predict(images[i : i + EVAL_BATCH]).numpy() == labels[i : i + EVAL_BATCH]))
-            for i in range(0, len(labels), EVAL_BATCH)
-        )
+        with evaluation_point(self.model):
+            correct = sum(
+                int(np.sum(self._predict(images[i : i + EVAL_BATCH]).numpy() == labels[i : i + EVAL_BATCH]))
+                for i in range(0, len(labels), EVAL_BATCH)
+            )
         accuracy = correct / len(labels)
         self.evals.append(
             {"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": float(accuracy)}
@@ -150,12 +242,16 @@ def train(
     build=alexnet,
     make=make_optimizer,
 ):
-    """One run from `weights`: the model of `build()` with the optimizer `make(kind, settings)`
-    (benchmarks/vit.py passes its own)."""
+    """One run from `weights`: the model of `build()` with the optimizer `make(kind, settings,
+    total_steps)` (the run's number of steps, which a schedule spans)."""
     keras.utils.set_random_seed(seed)
     model = build()
     model.set_weights(weights)
-    model.compile(optimizer=make(kind, settings), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    total_steps = epochs * (len(data[1]) // batch_size)
+    if max_steps:
+        total_steps = min(total_steps, max_steps)
+    optimizer = make(kind, settings, total_steps)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     recorder = Recorder(eval_every, eval_data, max_steps)
     x, y = data
     model.fit(batches(x, y, batch_size, seed), epochs=epochs, verbose=0, callbacks=[recorder])
@@ -261,17 +357,19 @@ def run_sweep(table: dict, score, key: str, minimize: bool = False) -> dict:
     return results
 
 
-def sweep(train_arrays, batch_size: int, steps: int) -> dict:
-    (x, y) = train_arrays
+def sweep(table: dict, train_arrays, batch_size: int, steps: int, build=alexnet) -> dict:
+    """Validation sweep of `table` (seed 0): candidates train on the training set minus its last
+    `VALIDATION_SIZE` examples and are scored by their accuracy there."""
+    x, y = train_arrays
     fit_data = (x[:-VALIDATION_SIZE], y[:-VALIDATION_SIZE])
     val = (tf.constant(x[-VALIDATION_SIZE:].astype("float32") / 255.0), y[-VALIDATION_SIZE:])
-    weights = initial_weights(0)
+    weights = initial_weights(0, build)
 
     def score(kind, settings):
-        run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps)
+        run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps, build=build)
         return run["evals"][-1]["accuracy"], run["skipped_steps"]
 
-    return run_sweep(SWEEP, score, "val_accuracy")
+    return run_sweep(table, score, "val_accuracy")
 
 
 def window_for(count: int) -> int:
@@ -293,40 +391,71 @@ def first_step(curve_steps, curve_values, target):
     return None
 
 
-def summarize(runs: dict) -> dict:
-    """Per optimizer: mean over seeds of each table entry (None when a seed never got there)."""
-    adam_final_loss = statistics.fmean(smoothed(r["losses"])[-1] for r in runs["adam"])
-    best_adam_accuracy = statistics.fmean(r["evals"][-1]["accuracy"] for r in runs["adam"])
-    adam_step = statistics.fmean(statistics.fmean(r["step_seconds"][5:]) for r in runs["adam"])
-    table = {}
-    for kind, seeds in runs.items():
-        row = {}
-        for threshold in (*THRESHOLDS, "adam_final"):
-            target = best_adam_accuracy if threshold == "adam_final" else threshold
-            steps, seconds = [], []
-            for r in seeds:
-                step = first_step([e["step"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], target - 1e-9)
-                steps.append(step)
-                seconds.append(None if step is None else next(e["seconds"] for e in r["evals"] if e["step"] == step))
-            key = f"{threshold:.2f}" if threshold != "adam_final" else "adam_final_accuracy"
-            row[f"steps_to_{key}"] = None if None in steps else statistics.fmean(steps)
-            row[f"seconds_to_{key}"] = None if None in seconds else statistics.fmean(seconds)
-        loss_steps = []
-        for r in seeds:
-            curve = smoothed(r["losses"])
-            hit = np.nonzero(curve <= adam_final_loss)[0]
-            loss_steps.append(None if len(hit) == 0 else int(hit[0]) + window_for(len(r["losses"])))
-        row["steps_to_adam_final_loss"] = None if None in loss_steps else statistics.fmean(loss_steps)
-        row["final_test_accuracy"] = statistics.fmean(r["evals"][-1]["accuracy"] for r in seeds)
-        row["final_train_loss"] = statistics.fmean(smoothed(r["losses"])[-1] for r in seeds)
-        row["mean_step_ms"] = 1e3 * statistics.fmean(statistics.fmean(r["step_seconds"][5:]) for r in seeds)
-        row["step_ratio_to_adam"] = row["mean_step_ms"] / (1e3 * adam_step)
-        row["skipped_steps"] = sum(r["skipped_steps"] for r in seeds)
-        row["seeds"] = [r["seed"] for r in seeds]
-        table[kind] = row
-    table["_adam_final_accuracy"] = best_adam_accuracy
-    table["_adam_final_loss"] = adam_final_loss
+def mean_step_seconds(result: dict) -> float:
+    """Mean step time without the first five steps (fewer in smoke runs)."""
+    seconds = result["step_seconds"]
+    return statistics.fmean(seconds[5:] or seconds[1:] or seconds)
+
+
+def summarize(runs: dict, first_order=FIRST_ORDER, reference: str = "adam") -> dict:
+    """Per kind: the table's entries, means over seeds (None when a seed never got there).  The
+    target is the best final test accuracy among the `first_order` rows; step times are given
+    as ratios to the `reference` row's."""
+    finals = {kind: statistics.fmean(r["evals"][-1]["accuracy"] for r in results) for kind, results in runs.items()}
+    candidates = [kind for kind in first_order if kind in runs]
+    best = max(candidates, key=finals.get) if candidates else None
+    target = finals[best] if best else None
+    reference_step = statistics.fmean(map(mean_step_seconds, runs[reference])) if reference in runs else None
+    table = {"_best_first_order": best, "_target_accuracy": target, "_reference": reference}
+    for kind, results in runs.items():
+        steps, seconds = [], []
+        for r in results:
+            evals = r["evals"]
+            step = (
+                None
+                if target is None
+                else first_step([e["step"] for e in evals], [e["accuracy"] for e in evals], target - 1e-9)
+            )
+            steps.append(step)
+            seconds.append(None if step is None else next(e["seconds"] for e in evals if e["step"] == step))
+        step_ms = 1e3 * statistics.fmean(map(mean_step_seconds, results))
+        table[kind] = {
+            "settings": results[0]["settings"],
+            "steps_to_target": None if None in steps else statistics.fmean(steps),
+            "seconds_to_target": None if None in seconds else statistics.fmean(seconds),
+            "seeds_reaching_target": sum(s is not None for s in steps),
+            "final_test_accuracy": finals[kind],
+            "final_train_loss": statistics.fmean(smoothed(r["losses"])[-1] for r in results),
+            "mean_step_ms": step_ms,
+            "step_ratio": None if reference_step is None else step_ms / (1e3 * reference_step),
+            "skipped_steps": sum(r["skipped_steps"] for r in results),
+            "seeds": [r["seed"] for r in results],
+        }
     return table
+
+
+def markdown(title: str, table: dict, seeds: list, kinds=KINDS) -> str:
+    """The table as markdown; `title` names the model and batch size."""
+    best, target, reference = table["_best_first_order"], table["_target_accuracy"], table["_reference"]
+    goal = f"{best}'s final acc. ({target:.4f})" if best else "best first-order final acc. (none run)"
+    lines = [
+        f"### {title} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean over seeds)",
+        "",
+        f"| optimizer | settings | steps to {goal} | s to it | final test acc. | final train loss "
+        f"| step ms | x {reference} |",
+        "|---|" + "---|" * 7,
+    ]
+    for kind in (k for k in kinds if k in table):
+        r = table[kind]
+        reached = (
+            "" if r["seeds_reaching_target"] in (0, len(r["seeds"])) else f" ({r['seeds_reaching_target']} reach it)"
+        )
+        lines.append(
+            f"| {kind} | {label(kind, r['settings'])} | {fmt(r['steps_to_target'])}{reached} "
+            f"| {fmt(r['seconds_to_target'])} | {r['final_test_accuracy']:.4f} | {r['final_train_loss']:.4f} "
+            f"| {r['mean_step_ms']:.1f} | {fmt(r['step_ratio'], 2)} |"
+        )
+    return "\n".join(lines)
 
 
 def fmt(value, digits=0):
@@ -362,9 +491,6 @@ def print_table(batch_size: int, table: dict, seeds) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
-
-
-COLORS = {"kfac": "tab:red", "kfac_adaptive": "tab:purple", "adam": "tab:blue", "sgd": "tab:green"}
 
 
 def plot(
@@ -422,129 +548,192 @@ def plot(
     return paths
 
 
-BASELINES = ("kfac", "adam", "sgd")
-
-
 def complete_seeds(runs: dict) -> list:
-    """Seeds that K-FAC, Adam and SGD have all finished (the adaptive row, which can be run on
-    fewer seeds, uses its own runs among these and says how many)."""
-    return sorted(set.intersection(*({r["seed"] for r in runs.get(kind, [])} for kind in BASELINES)))
+    """Seeds finished by every kind that has runs."""
+    done = [{r["seed"] for r in results} for results in runs.values() if results]
+    return sorted(set.intersection(*done)) if done else []
 
 
-def seeds_of(runs: dict) -> dict:
-    return {kind: [r["seed"] for r in done] for kind, done in runs.items()}
+def finished(runs: dict) -> tuple[list, dict]:
+    """(seeds every kind with runs has finished, those runs per kind)."""
+    seeds = complete_seeds(runs)
+    return seeds, {kind: [r for r in done if r["seed"] in seeds] for kind, done in runs.items() if done}
 
 
-def save_results(path: str, chosen: dict, runs: dict, batch_size: int, out: str, final: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """What a benchmark of this protocol varies: the model, its rows and their sweep."""
+
+    name: str  # file prefix: <out>/<name>_b<batch>.json and <name>_b<batch>_<panel>.png
+    title: str  # model name in titles
+    build: object  # () -> a keras_kfac model
+    kinds: tuple
+    first_order: tuple
+    table: dict  # sweep_table(...)
+    colors: dict
+    reference: str  # the row step times are compared with
+    accuracy_range: tuple = (0.7, 0.95)
+
+
+def report(bench: Benchmark, batch_size: int, runs: dict, out: str) -> dict:
+    """Prints the table of the finished runs and draws the plots; returns the table and more."""
+    seeds, complete = finished(runs)
+    table = summarize(complete, bench.first_order, bench.reference)
+    text = markdown(f"{bench.title}, Fashion-MNIST, batch {batch_size}", table, seeds, bench.kinds)
+    note = sources_note(complete)
+    if note:
+        text += "\n\n" + note
+    print(text, flush=True)
+    plots = plot(
+        batch_size,
+        complete,
+        out,
+        colors=bench.colors,
+        title=bench.title,
+        prefix=f"{bench.name}_",
+        accuracy_range=bench.accuracy_range,
+    )
+    return {"table": table, "table_markdown": text, "plots": plots}
+
+
+def save_results(
+    bench: Benchmark, path: str, settings: dict, chosen: dict, runs: dict, batch_size: int, out: str, final: bool
+) -> dict:
     """Writes the sweep and the runs so far; the final call adds the table and the plots."""
-    record = {"argv": sys.argv[1:], "source_digest": source_digest(), "sweep": chosen, "runs": runs}
+    record = {"argv": sys.argv[1:], "source_digest": source_digest(), "settings": settings, "sweep": chosen}
+    record["runs"] = runs
     if final:
-        seeds = complete_seeds(runs)
-        complete = {kind: [r for r in done if r["seed"] in seeds] for kind, done in runs.items() if done}
-        table = summarize(complete)
-        record["table"] = table
-        record["table_markdown"] = print_table(batch_size, table, seeds)
-        note = sources_note(complete)
-        if note:
-            print(note, flush=True)
-            record["table_markdown"] += "\n\n" + note
-        record["plots"] = plot(batch_size, complete, out)
+        record |= report(bench, batch_size, runs, out)
     with open(path, "w") as f:
         json.dump(record, f)
+    return record
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-sizes", default="128,1024")
-    parser.add_argument("--epochs", type=int, default=5)
+def add_arguments(parser: argparse.ArgumentParser, bench: Benchmark, epochs: int) -> None:
+    """The command-line options every benchmark of this protocol has."""
+    parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep candidate (0: one epoch)")
-    parser.add_argument("--no-sweep", action="store_true", help="use the first candidate of each optimizer")
-    parser.add_argument("--kinds", default=",".join(KINDS), help="optimizers to run (others keep their saved runs)")
-    parser.add_argument("--run-seeds", default=None, help="seeds to train now (default: all of --seeds)")
+    parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (saved for --resume)")
+    parser.add_argument("--kinds", default=",".join(bench.kinds), help=f"rows to train, among {', '.join(bench.kinds)}")
+    parser.add_argument("--rerun-kinds", default="", help="with --resume: train these rows again")
+    parser.add_argument("--evals-per-epoch", type=int, default=10, help="test-set evaluations per epoch")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each run early (smoke tests)")
-    parser.add_argument("--from-json", action="store_true", help="only re-print the tables of the runs saved in --out")
     parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the sweep and the finished runs saved in --out (same keras_kfac sources only)",
+        "--resume", action="store_true", help="keep the sweep and the finished runs saved in --out (same settings)"
     )
-    parser.add_argument(
-        "--rerun-kinds",
-        default=None,
-        help="with the sweep and the other runs saved in --out (from any keras_kfac sources), drop the saved "
-        "runs of these optimizers and train them again; the table names the sources of each row",
-    )
-    args = parser.parse_args(argv)
+    parser.add_argument("--from-json", action="store_true", help="only re-print the table and plots saved in --out")
+
+
+def resumed(path: str, settings: dict, rerun: list) -> tuple[dict, dict]:
+    """(sweep, runs) saved at `path` with the same `settings`; runs of `rerun` kinds dropped, and
+    those of K-FAC rows too when the keras_kfac sources changed (first-order rows are kept)."""
+    if not os.path.exists(path):
+        return {}, {}
+    with open(path) as f:
+        saved = json.load(f)
+    if saved.get("settings") != json.loads(json.dumps(settings)):
+        raise SystemExit(f"{path} was written with other settings ({saved.get('settings')}); rerun without --resume.")
+    runs = {}
+    for kind, done in saved["runs"].items():
+        for run in done:
+            run.setdefault("source_digest", saved.get("source_digest"))
+        stale = kind.startswith("kfac") and any(r["source_digest"] != source_digest() for r in done)
+        if stale:
+            print(f"  {kind}: saved runs are from other keras_kfac sources; training them again", flush=True)
+        runs[kind] = [] if kind in rerun or stale else done
+    return saved["sweep"], runs
+
+
+def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
+    """Sweep (or the saved one), then every row of `args.kinds` on every seed; returns the record."""
+    kinds = args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(bench.kinds))
+    if unknown:
+        raise SystemExit(f"unknown kinds {unknown}; choose among {', '.join(bench.kinds)}")
+    path = os.path.join(args.out, f"{bench.name}_b{batch_size}.json")
     if args.from_json:
-        for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-            with open(os.path.join(args.out, f"compare_b{batch_size}.json")) as f:
-                saved = json.load(f)
-            seeds = complete_seeds(saved["runs"])
-            runs = {kind: [r for r in done if r["seed"] in seeds] for kind, done in saved["runs"].items() if done}
-            for done in runs.values():
-                for run in done:
-                    for e in run["evals"]:
-                        e["seconds"] = training_seconds(run["step_seconds"], e["step"])
-            print_table(batch_size, summarize(runs), seeds)
-            note = sources_note(runs)
-            if note:
-                print(note)
-            plot(batch_size, runs, args.out)
-        return
+        with open(path) as f:
+            return report(bench, batch_size, json.load(f)["runs"], args.out)
     os.makedirs(args.out, exist_ok=True)
     (x_train, y_train), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
     test = (tf.constant(x_test.astype("float32") / 255.0), y_test)
     seeds = [int(s) for s in args.seeds.split(",")]
-    run_seeds = seeds if args.run_seeds is None else [int(s) for s in args.run_seeds.split(",")]
-    print(f"# compare_optimizers.py {' '.join(sys.argv[1:])} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
-        steps_per_epoch = len(x_train) // batch_size
-        eval_every = max(1, steps_per_epoch // 10)
-        if args.max_steps:
-            eval_every = min(eval_every, max(1, args.max_steps // 3))
-        path = os.path.join(args.out, f"compare_b{batch_size}.json")
-        rerun = args.rerun_kinds.split(",") if args.rerun_kinds else []
-        chosen, saved_runs = saved_sweep_and_runs(path, SWEEP, args.resume, rerun, seeds)
-        if chosen is None and args.no_sweep:
-            chosen = {kind: {"best": candidates[0]} for kind, candidates in SWEEP.items()}
-        elif chosen is None:
-            sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
-            chosen = sweep((x_train, y_train), batch_size, sweep_steps)
-        runs = {kind: [] for kind in KINDS} | saved_runs
+    steps_per_epoch = len(x_train) // batch_size
+    sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
+    eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
+    if args.max_steps:
+        eval_every = min(eval_every, max(1, args.max_steps // 3))
+    # What a resumed benchmark must share with the saved one.
+    settings = {
+        "epochs": args.epochs,
+        "batch_size": batch_size,
+        "sweep_steps": sweep_steps,
+        "max_steps": args.max_steps,
+        "eval_every": eval_every,
+        "sweep_table": bench.table,
+    }
+    print(
+        f"# {bench.name} {' '.join(sys.argv[1:])}, batch {batch_size} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True
+    )
+    rerun = [k for k in args.rerun_kinds.split(",") if k]
+    chosen, saved_runs = resumed(path, settings, rerun) if args.resume else ({}, {})
+    missing = {kind: bench.table[kind] for kind in kinds if kind not in chosen}
+    runs = {kind: [] for kind in bench.kinds} | saved_runs
+    if missing:
+        chosen |= sweep(missing, (x_train, y_train), batch_size, sweep_steps, bench.build)
+        save_results(bench, path, settings, chosen, runs, batch_size, args.out, final=False)
+    if args.sweep_only:
+        return None
+    for seed in seeds:
+        weights = initial_weights(seed, bench.build)
+        for kind in kinds:
+            if any(r["seed"] == seed for r in runs[kind]):
+                continue
+            settings_of_row = chosen[kind]["best"]
+            result = train(
+                kind,
+                settings_of_row,
+                weights,
+                (x_train, y_train),
+                batch_size,
+                seed,
+                args.epochs,
+                eval_every,
+                test,
+                max_steps=args.max_steps,
+                build=bench.build,
+            )
+            runs[kind].append(result)
+            print(
+                f"  b{batch_size} seed {seed} {kind} ({label(kind, settings_of_row)}): final test accuracy "
+                f"{result['evals'][-1]['accuracy']:.4f}, {1e3 * mean_step_seconds(result):.1f} ms/step",
+                flush=True,
+            )
+            save_results(bench, path, settings, chosen, runs, batch_size, args.out, final=False)  # for --resume
+    return save_results(bench, path, settings, chosen, runs, batch_size, args.out, final=True)
 
-        for seed in seeds:
-            weights = initial_weights(seed)
-            for kind in runs:
-                if (
-                    kind not in (rerun or args.kinds.split(","))
-                    or seed not in run_seeds
-                    or any(r["seed"] == seed for r in runs[kind])
-                ):
-                    continue
-                run = train(
-                    kind,
-                    chosen[kind]["best"],
-                    weights,
-                    (x_train, y_train),
-                    batch_size,
-                    seed,
-                    args.epochs,
-                    eval_every,
-                    test,
-                    max_steps=args.max_steps,
-                )
-                runs[kind].append(run)
-                print(
-                    f"  b{batch_size} seed {seed} {kind}: final test accuracy {run['evals'][-1]['accuracy']:.4f}, "
-                    f"{statistics.fmean(run['step_seconds'][5:]) * 1e3:.1f} ms/step",
-                    flush=True,
-                )
-                # An interrupted benchmark resumes from here (--resume).
-                save_results(path, chosen, runs, batch_size, args.out, final=False)
-        save_results(path, chosen, runs, batch_size, args.out, final=True)
+
+SEED_TASK = Benchmark(
+    name="compare",
+    title="AlexNet-style CNN",
+    build=alexnet,
+    kinds=KINDS,
+    first_order=FIRST_ORDER,
+    table=sweep_table(KFAC_SETTINGS, LEARNING_RATES),
+    colors=COLORS,
+    reference="adam",
+)
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", default="128,1024")
+    add_arguments(parser, SEED_TASK, epochs=5)
+    args = parser.parse_args(argv)
+    return [run_benchmark(SEED_TASK, args, int(b)) for b in args.batch_sizes.split(",")]
 
 
 if __name__ == "__main__":

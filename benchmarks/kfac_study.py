@@ -52,7 +52,7 @@ def run_one(expression, weights, train_arrays, eval_data, batch_size, seed, epoc
         epochs,
         eval_every,
         eval_data,
-        make=lambda expr, _settings: optimizer_from(expr),
+        make=lambda expr, _settings, _total_steps: optimizer_from(expr),
     )
     return run | {"expression": expression, "batch_size": batch_size, "epochs": epochs}
 

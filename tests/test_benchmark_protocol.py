@@ -1,44 +1,92 @@
-"""benchmarks/vit.py: the sweep grid, the schedules and the table, without training."""
+"""The benchmarks' protocol (benchmarks/compare_optimizers.py, used by benchmarks/vit.py): the sweep
+grids, the schedules, the optimizers of each row, the schedule-free evaluation point, the table
+against the best first-order row, and a tiny end-to-end run with --sweep-only and --resume."""
 
+import argparse
+import json
 import os
 import sys
 
 import keras
+import numpy as np
 import pytest
+
+import keras_kfac
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def bench():
+def modules():
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        import vit as module
+        import compare_optimizers
+        import vit
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    return module
+    return compare_optimizers, vit
 
 
-def test_sweep_grid_spans_30x_with_both_schedules(bench):
-    table = bench.sweep_table(bench.LEARNING_RATES)
-    assert table["kfac_expand"] == [{}] and table["kfac_reduce"] == [{"weight_sharing": "reduce"}]
-    for kind in bench.FIRST_ORDER:
+def _check_grid(table, first_order, kfac_rows):
+    for kind, settings in kfac_rows.items():
+        assert table[kind] == [settings]  # K-FAC rows are not swept
+    for kind in first_order:
         rates = sorted({c["learning_rate"] for c in table[kind]})
         assert len(rates) >= 4 and rates[-1] / rates[0] >= 30
         assert {c["schedule"] for c in table[kind]} == {"constant", "cosine"}
         assert len(table[kind]) == 2 * len(rates)
 
 
-def test_warmup_cosine_schedule_and_optimizers(bench):
-    schedule = bench.learning_rate({"learning_rate": 1e-3, "schedule": "cosine"}, 100)
+def test_sweep_grids_span_30x_with_both_schedules(modules):
+    compare, vit = modules
+    assert set(compare.FIRST_ORDER) == {"adam", "adamw", "muon", "sf_adamw", "sgd"}
+    assert compare.KFAC_SETTINGS["kfac"] == {}  # KFAC() with the package defaults
+    _check_grid(compare.SEED_TASK.table, compare.FIRST_ORDER, compare.KFAC_SETTINGS)
+    _check_grid(vit.sweep_table(vit.LEARNING_RATES), vit.FIRST_ORDER, vit.KFAC_SETTINGS)
+
+
+def test_warmup_cosine_schedule_and_optimizers(modules):
+    compare, _ = modules
+    schedule = compare.learning_rate({"learning_rate": 1e-3, "schedule": "cosine"}, 100)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(1e-3)  # the end of the 5% warm-up
     assert float(schedule(50)) < 1e-3 and float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
-    assert bench.learning_rate({"learning_rate": 3e-3, "schedule": "constant"}, 100) == 3e-3
-    assert bench.make_optimizer("kfac_reduce", {"weight_sharing": "reduce"}, 10).weight_sharing == "reduce"
-    muon = bench.make_optimizer("muon", {"learning_rate": 1e-3, "schedule": "cosine"}, 10)
+    assert compare.learning_rate({"learning_rate": 3e-3, "schedule": "constant"}, 100) == 3e-3
+    make = compare.make_optimizer
+    assert make("kfac_reduce", {"weight_sharing": "reduce"}, 10).weight_sharing == "reduce"
+    drop_name = lambda config: {k: v for k, v in config.items() if k != "name"}  # noqa: E731
+    assert drop_name(make("kfac", {}, 10).get_config()) == drop_name(keras_kfac.KFAC().get_config())
+    muon = make("muon", {"learning_rate": 1e-3, "schedule": "cosine"}, 10)
     assert isinstance(muon, keras.optimizers.Muon) and muon.exclude_layers == ["predictions"]
-    assert isinstance(bench.make_optimizer("adamw", {"learning_rate": 1e-3}, 10), keras.optimizers.AdamW)
+    assert isinstance(make("adamw", {"learning_rate": 1e-3}, 10), keras.optimizers.AdamW)
+    sgd = make("sgd", {"learning_rate": 0.1, "schedule": "constant"}, 10)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == 0.9
+    free = make("sf_adamw", {"learning_rate": 3e-3, "schedule": "cosine"}, 200)
+    assert isinstance(free, keras.optimizers.ScheduleFreeAdamW) and free.warmup_steps == 10
+    assert make("sf_adamw", {"learning_rate": 3e-3, "schedule": "constant"}, 200).warmup_steps == 0
+
+
+def test_schedule_free_is_evaluated_at_its_average(modules):
+    """x = (y − (1 − β₁) z) / β₁ inside `evaluation_point`, y restored after it."""
+    compare, _ = modules
+    rng = np.random.default_rng(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=keras.optimizers.ScheduleFreeAdamW(0.1), loss="mse")
+    x, y = rng.normal(size=(8, 3)).astype("float32"), rng.normal(size=(8, 2)).astype("float32")
+    model.fit(x, y, epochs=3, verbose=0)
+    kernel = model.layers[0].kernel
+    y_point = kernel.numpy().astype(np.float64)
+    z = model.optimizer._momentums[model.optimizer._get_variable_index(kernel)].numpy().astype(np.float64)
+    with compare.evaluation_point(model):
+        inside = kernel.numpy()
+    np.testing.assert_allclose(inside, (y_point - 0.1 * z) / 0.9, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(inside, y_point, atol=1e-4)
+    np.testing.assert_array_equal(kernel.numpy(), y_point.astype(np.float32))
+    adam = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    adam.compile(optimizer="adam", loss="mse")
+    before = adam.layers[0].kernel.numpy()
+    with compare.evaluation_point(adam):
+        np.testing.assert_array_equal(adam.layers[0].kernel.numpy(), before)
 
 
 def _run(kind, seed, accuracies, step_ms):
@@ -53,17 +101,60 @@ def _run(kind, seed, accuracies, step_ms):
     }
 
 
-def test_table_targets_the_best_first_order_final_accuracy(bench):
+def test_table_targets_the_best_first_order_final_accuracy(modules):
+    compare, vit = modules
     runs = {
         "kfac_expand": [_run("kfac_expand", s, [0.7, 0.85, 0.9], 12.0) for s in (0, 1)],
         "adamw": [_run("adamw", s, [0.6, 0.8, 0.86], 10.0) for s in (0, 1)],
         "muon": [_run("muon", s, [0.5, 0.7, 0.8], 10.0) for s in (0, 1)],
     }
-    table = bench.summarize(runs)
+    table = compare.summarize(runs, vit.FIRST_ORDER, "adamw")
     assert table["_best_first_order"] == "adamw" and table["_target_accuracy"] == pytest.approx(0.86)
     assert table["kfac_expand"]["steps_to_target"] == 6  # 0.9 at step 6 is the first eval >= 0.86
     assert table["adamw"]["steps_to_target"] == 6
     assert table["muon"]["steps_to_target"] is None and table["muon"]["seeds_reaching_target"] == 0
-    assert table["kfac_expand"]["step_ratio_to_adamw"] == pytest.approx(1.2)
-    text = bench.markdown(128, table, [0, 1])
+    assert table["kfac_expand"]["step_ratio"] == pytest.approx(1.2)
+    text = compare.markdown("ViT, batch 128", table, [0, 1], vit.KINDS)
     assert "adamw's final acc. (0.8600)" in text and "| kfac_expand | KFAC() | 6 |" in text
+    assert "| x adamw |" in text
+
+
+def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
+    """A tiny benchmark: --sweep-only saves the sweep and trains nothing; --resume trains the rows
+    with the kept candidate, and a second --resume trains nothing again."""
+    compare, _ = modules
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, size=(300, 28, 28, 1)).astype("uint8")
+    labels = (images.reshape(300, -1).mean(axis=1) > 127).astype("int64")
+    monkeypatch.setattr(
+        compare, "load_arrays", lambda name, data_dir=None: ((images, labels), (images[:50], labels[:50]))
+    )
+    monkeypatch.setattr(compare, "VALIDATION_SIZE", 100)
+    table = {
+        "kfac": [{}],
+        "adam": [{"learning_rate": 1e-3, "schedule": "constant"}, {"learning_rate": 1e-2, "schedule": "cosine"}],
+    }
+    bench = compare.Benchmark(
+        name="tiny",
+        title="MLP",
+        build=lambda: keras_kfac.models.mlp(hidden=(8,)),
+        kinds=("kfac", "adam"),
+        first_order=("adam",),
+        table=table,
+        colors={"kfac": "tab:red", "adam": "tab:blue"},
+        reference="adam",
+    )
+    parser = argparse.ArgumentParser()
+    compare.add_arguments(parser, bench, epochs=1)
+    common = ["--out", str(tmp_path), "--seeds", "0", "--sweep-steps", "4", "--max-steps", "6"]
+    assert compare.run_benchmark(bench, parser.parse_args(common + ["--sweep-only"]), 50) is None
+    saved = json.loads((tmp_path / "tiny_b50.json").read_text())
+    assert [c["settings"] for c in saved["sweep"]["adam"]["candidates"]] == table["adam"]
+    assert saved["runs"] == {"kfac": [], "adam": []}
+    record = compare.run_benchmark(bench, parser.parse_args(common + ["--resume"]), 50)
+    assert [len(record["runs"][k]) for k in ("kfac", "adam")] == [1, 1]
+    assert record["runs"]["adam"][0]["settings"] == saved["sweep"]["adam"]["best"]
+    assert len(record["runs"]["adam"][0]["losses"]) == 6
+    assert record["table"]["_best_first_order"] == "adam"
+    again = compare.run_benchmark(bench, parser.parse_args(common + ["--resume"]), 50)
+    assert again["runs"]["adam"][0]["losses"] == record["runs"]["adam"][0]["losses"]
