@@ -15,11 +15,13 @@ SGD with momentum 0.9.  For each batch size:
    over at least 30x), each constant and with a linear warm-up over the first 5% of the run
    followed by a cosine decay to zero ("cosine"; ScheduleFreeAdamW, which replaces schedules,
    takes the warm-up alone), trains on the training set minus its last 5,000 examples for
-   `--sweep-steps` steps (default: one epoch) and is scored by its accuracy on those 5,000
-   held-out examples; the test set is never looked at.  A schedule spans its own run (the
-   sweep's steps there, the full run's afterwards).  The best candidate of each is kept.
-   K-FAC rows are not swept.  `--sweep-only` stops after the sweep (its scores do not depend on
-   timings, so it may run on a busy machine; the timed runs should run alone).
+   `--sweep-steps` steps (default: `--epochs` epochs of it, so that a schedule is judged at the
+   end of a run as long as the real one; a one-epoch sweep favoured large rates that end worse)
+   and is scored by its accuracy on those 5,000 held-out examples; the test set is never looked
+   at.  A schedule spans its own run (the sweep's steps there, the full run's afterwards).  The
+   best candidate of each is kept.  K-FAC rows are not swept.  `--sweep-only` stops after the
+   sweep (its scores do not depend on timings, so it may run on a busy machine; the timed runs
+   should run alone).
 2. **Runs**: every row trains on the full training set for `--epochs` epochs from the same
    initial weights (per seed) and the same batches.  Train loss every step, test accuracy
    `--evals-per-epoch` times an epoch (all 10,000 test images), wall-clock of the training steps
@@ -613,7 +615,9 @@ def add_arguments(parser: argparse.ArgumentParser, bench: Benchmark, epochs: int
     """The command-line options every benchmark of this protocol has."""
     parser.add_argument("--epochs", type=int, default=epochs)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--sweep-steps", type=int, default=0, help="steps per sweep candidate (0: one epoch)")
+    parser.add_argument(
+        "--sweep-steps", type=int, default=0, help="steps per sweep candidate (0: as many epochs as a run)"
+    )
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (saved for --resume)")
     parser.add_argument("--kinds", default=",".join(bench.kinds), help=f"rows to train, among {', '.join(bench.kinds)}")
     parser.add_argument("--rerun-kinds", default="", help="with --resume: train these rows again")
@@ -662,7 +666,7 @@ def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
     test = (tf.constant(x_test.astype("float32") / 255.0), y_test)
     seeds = [int(s) for s in args.seeds.split(",")]
     steps_per_epoch = len(x_train) // batch_size
-    sweep_steps = args.sweep_steps or (len(x_train) - VALIDATION_SIZE) // batch_size
+    sweep_steps = args.sweep_steps or args.epochs * ((len(x_train) - VALIDATION_SIZE) // batch_size)
     eval_every = max(1, steps_per_epoch // args.evals_per_epoch)
     if args.max_steps:
         eval_every = min(eval_every, max(1, args.max_steps // 3))

@@ -11,8 +11,8 @@ curvature blocks).  The protocol is `compare_optimizers.py`'s (`compare.run_benc
 1. **Sweep** (seed 0) of the first-order optimizers: every learning rate of `--learning-rates`
    (default 3e-4 .. 1e-2, 33x), each constant and with a linear warm-up over the first 5% of the
    run followed by a cosine decay to zero (`keras.optimizers.schedules.CosineDecay`), trains on
-   the training set minus its last 5,000 examples for `--sweep-steps` steps (default: one epoch)
-   and is scored by its accuracy on those 5,000; the test set is never looked at.  The schedule
+   the training set minus its last 5,000 examples for `--sweep-steps` steps (default: `--epochs`
+   epochs of it) and is scored by its accuracy on those 5,000; the test set is never looked at.  The schedule
    of a candidate spans its own run: the sweep's steps there, the full run's steps afterwards.
    AdamW keeps Keras' weight decay (0.004); Muon is Keras' (Newton-Schulz orthogonalized
    momentum for 2-D kernels, i.e. the MLP layers; its AdamW step for everything else: the 3-D
