@@ -359,17 +359,31 @@ def run_sweep(table: dict, score, key: str, minimize: bool = False) -> dict:
     return results
 
 
-def sweep(table: dict, train_arrays, batch_size: int, steps: int, build=alexnet) -> dict:
+def candidate_key(kind: str, settings: dict) -> str:
+    return f"{kind} {json.dumps(settings, sort_keys=True)}"
+
+
+def sweep(
+    table: dict, train_arrays, batch_size: int, steps: int, build=alexnet, scores: dict | None = None, on_score=None
+) -> dict:
     """Validation sweep of `table` (seed 0): candidates train on the training set minus its last
-    `VALIDATION_SIZE` examples and are scored by their accuracy there."""
+    `VALIDATION_SIZE` examples and are scored by their accuracy there.  `scores` (candidate_key ->
+    [accuracy, skipped steps]) holds candidates already scored, and gains each new one, after
+    which `on_score()` is called (so that an interrupted sweep resumes where it stopped)."""
     x, y = train_arrays
     fit_data = (x[:-VALIDATION_SIZE], y[:-VALIDATION_SIZE])
     val = (tf.constant(x[-VALIDATION_SIZE:].astype("float32") / 255.0), y[-VALIDATION_SIZE:])
     weights = initial_weights(0, build)
+    scores = {} if scores is None else scores
 
     def score(kind, settings):
-        run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, max_steps=steps, build=build)
-        return run["evals"][-1]["accuracy"], run["skipped_steps"]
+        key = candidate_key(kind, settings)
+        if key not in scores:
+            run = train(kind, settings, weights, fit_data, batch_size, 0, 1000, steps, val, steps, build=build)
+            scores[key] = [run["evals"][-1]["accuracy"], run["skipped_steps"]]
+            if on_score is not None:
+                on_score()
+        return tuple(scores[key])
 
     return run_sweep(table, score, "val_accuracy")
 
@@ -599,10 +613,19 @@ def report(bench: Benchmark, batch_size: int, runs: dict, out: str) -> dict:
 
 
 def save_results(
-    bench: Benchmark, path: str, settings: dict, chosen: dict, runs: dict, batch_size: int, out: str, final: bool
+    bench: Benchmark,
+    path: str,
+    settings: dict,
+    chosen: dict,
+    runs: dict,
+    batch_size: int,
+    out: str,
+    final: bool,
+    scores: dict | None = None,
 ) -> dict:
     """Writes the sweep and the runs so far; the final call adds the table and the plots."""
     record = {"argv": sys.argv[1:], "source_digest": source_digest(), "settings": settings, "sweep": chosen}
+    record["sweep_scores"] = scores if scores is not None else {}
     record["runs"] = runs
     if final:
         record |= report(bench, batch_size, runs, out)
@@ -631,11 +654,12 @@ def add_arguments(parser: argparse.ArgumentParser, bench: Benchmark, epochs: int
     parser.add_argument("--from-json", action="store_true", help="only re-print the table and plots saved in --out")
 
 
-def resumed(path: str, settings: dict, rerun: list) -> tuple[dict, dict]:
-    """(sweep, runs) saved at `path` with the same `settings`; runs of `rerun` kinds dropped, and
-    those of K-FAC rows too when the keras_kfac sources changed (first-order rows are kept)."""
+def resumed(path: str, settings: dict, rerun: list) -> tuple[dict, dict, dict]:
+    """(sweep, runs, sweep scores) saved at `path` with the same `settings`; runs of `rerun` kinds
+    dropped, and those of K-FAC rows too when the keras_kfac sources changed (first-order rows
+    are kept)."""
     if not os.path.exists(path):
-        return {}, {}
+        return {}, {}, {}
     with open(path) as f:
         saved = json.load(f)
     if saved.get("settings") != json.loads(json.dumps(settings)):
@@ -648,7 +672,7 @@ def resumed(path: str, settings: dict, rerun: list) -> tuple[dict, dict]:
         if stale:
             print(f"  {kind}: saved runs are from other keras_kfac sources; training them again", flush=True)
         runs[kind] = [] if kind in rerun or stale else done
-    return saved["sweep"], runs
+    return saved["sweep"], runs, saved.get("sweep_scores", {})
 
 
 def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
@@ -683,12 +707,16 @@ def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
         f"# {bench.name} {' '.join(sys.argv[1:])}, batch {batch_size} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True
     )
     rerun = [k for k in args.rerun_kinds.split(",") if k]
-    chosen, saved_runs = resumed(path, settings, rerun) if args.resume else ({}, {})
+    chosen, saved_runs, scores = resumed(path, settings, rerun) if args.resume else ({}, {}, {})
     missing = {kind: bench.table[kind] for kind in kinds if kind not in chosen}
     runs = {kind: [] for kind in bench.kinds} | saved_runs
+
+    def save(final=False):
+        return save_results(bench, path, settings, chosen, runs, batch_size, args.out, final, scores)
+
     if missing:
-        chosen |= sweep(missing, (x_train, y_train), batch_size, sweep_steps, bench.build)
-        save_results(bench, path, settings, chosen, runs, batch_size, args.out, final=False)
+        chosen |= sweep(missing, (x_train, y_train), batch_size, sweep_steps, bench.build, scores, save)
+        save()
     if args.sweep_only:
         return None
     for seed in seeds:
@@ -716,8 +744,8 @@ def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
                 f"{result['evals'][-1]['accuracy']:.4f}, {1e3 * mean_step_seconds(result):.1f} ms/step",
                 flush=True,
             )
-            save_results(bench, path, settings, chosen, runs, batch_size, args.out, final=False)  # for --resume
-    return save_results(bench, path, settings, chosen, runs, batch_size, args.out, final=True)
+            save()  # for --resume
+    return save(final=True)
 
 
 SEED_TASK = Benchmark(

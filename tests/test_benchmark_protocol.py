@@ -147,8 +147,28 @@ def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
     parser = argparse.ArgumentParser()
     compare.add_arguments(parser, bench, epochs=1)
     common = ["--out", str(tmp_path), "--seeds", "0", "--sweep-steps", "4", "--max-steps", "6"]
-    assert compare.run_benchmark(bench, parser.parse_args(common + ["--sweep-only"]), 50) is None
+    # A sweep stopped after its first candidate keeps that candidate's score for --resume.
+    real_train, calls = compare.train, []
+
+    def train_then_stop(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "train", train_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_benchmark(bench, parser.parse_args(common + ["--sweep-only"]), 50)
+    monkeypatch.setattr(compare, "train", real_train)
+    stopped = json.loads((tmp_path / "tiny_b50.json").read_text())
+    assert list(stopped["sweep_scores"]) == [compare.candidate_key("adam", table["adam"][0])]
+    first_score = stopped["sweep_scores"][compare.candidate_key("adam", table["adam"][0])]
+    monkeypatch.setattr(compare, "train", train_then_stop)  # the third call trains on
+    assert compare.run_benchmark(bench, parser.parse_args(common + ["--sweep-only", "--resume"]), 50) is None
+    monkeypatch.setattr(compare, "train", real_train)
+    assert calls == [table["adam"][0], table["adam"][1], table["adam"][1]]  # the first not trained again
     saved = json.loads((tmp_path / "tiny_b50.json").read_text())
+    assert saved["sweep"]["adam"]["candidates"][0]["val_accuracy"] == first_score[0]
     assert [c["settings"] for c in saved["sweep"]["adam"]["candidates"]] == table["adam"]
     assert saved["runs"] == {"kfac": [], "adam": []}
     record = compare.run_benchmark(bench, parser.parse_args(common + ["--resume"]), 50)
