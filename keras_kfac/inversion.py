@@ -79,13 +79,22 @@ class EigenInversion:
             out.append((eigenvalues, eigenvectors))
         return tuple(out)
 
-    def apply(self, state, matrix: tf.Tensor, damping) -> tf.Tensor:
+    def moment_specs(self) -> list:
+        """(shape, initializer, name) of state updated at every step by `apply` (none here)."""
+        return []
+
+    def apply(self, state, matrix: tf.Tensor, damping, moments=()) -> tf.Tensor:
+        """U = Q_A [scale(Q_Aᵀ V Q_G)] Q_Gᵀ, `scale` that of the strategy (`moments`: the
+        variables of `moment_specs`, which it may update)."""
         (eig_a, vec_a), (eig_g, vec_g) = self._split(state)
         side_a, side_g = self.sides
         rotated = side_g.multiply(side_a.multiply(matrix, vec_a, 0, transpose=True), vec_g, 1)
-        denominator = eig_a[:, None] * eig_g[None, :] + tf.cast(damping, tf.float32)
-        scaled = rotated / denominator
+        scaled = self.scale(rotated, eig_a, eig_g, damping, moments)
         return side_g.multiply(side_a.multiply(scaled, vec_a, 0), vec_g, 1, transpose=True)
+
+    def scale(self, rotated, eig_a, eig_g, damping, moments) -> tf.Tensor:
+        del moments
+        return rotated / (eig_a[:, None] * eig_g[None, :] + tf.cast(damping, tf.float32))
 
 
 class EigenbasisAdamInversion(EigenInversion):
@@ -96,22 +105,20 @@ class EigenbasisAdamInversion(EigenInversion):
     epsilon = 1e-7
 
     def moment_specs(self) -> list:
-        """(shape, initializer, name) of the state updated at every step: the second moment of
-        the rotated gradient and the count of its updates."""
+        """The second moment of the rotated gradient and the count of its updates."""
         side_a, side_g = self.sides
         return [((side_a.size, side_g.size), "zeros", "basis_second_moment"), ((), "zeros", "basis_moment_count")]
 
-    def apply_with_moments(self, state, moments, matrix: tf.Tensor) -> tf.Tensor:
-        """Updates `moments` with `matrix` (the gradient) and returns the direction."""
-        (_, vec_a), (_, vec_g) = self._split(state)
-        side_a, side_g = self.sides
+    def scale(self, rotated, eig_a, eig_g, damping, moments) -> tf.Tensor:
+        """Updates the moments with R = `rotated` and returns R / (√ŝ + ε); without moments
+        (a block that holds none) the "eigen" scaling."""
+        if not moments:
+            return super().scale(rotated, eig_a, eig_g, damping, moments)
         second, count = moments
-        rotated = side_g.multiply(side_a.multiply(matrix, vec_a, 0, transpose=True), vec_g, 1)
         second.assign(self.beta_2 * second + (1.0 - self.beta_2) * tf.square(rotated))
         count.assign_add(1.0)
         correction = 1.0 - tf.pow(self.beta_2, count)
-        scaled = rotated / (tf.sqrt(second / correction) + self.epsilon)
-        return side_g.multiply(side_a.multiply(scaled, vec_a, 0), vec_g, 1, transpose=True)
+        return rotated / (tf.sqrt(second / correction) + self.epsilon)
 
 
 class FactoredInversion:
@@ -138,8 +145,11 @@ class FactoredInversion:
         values = [side.shifted_inverse(f, s, self.dtype) for side, f, s in zip(self.sides, factors, shifts)]
         return values, all_finite(values)
 
-    def apply(self, state, matrix: tf.Tensor, damping) -> tf.Tensor:
-        del damping  # already inside the stored inverses
+    def moment_specs(self) -> list:
+        return []
+
+    def apply(self, state, matrix: tf.Tensor, damping, moments=()) -> tf.Tensor:
+        del damping, moments  # λ is already inside the stored inverses; no per-step state
         side_a, side_g = self.sides
         inverse_a, inverse_g = state
         return side_g.multiply(side_a.multiply(matrix, inverse_a, 0), inverse_g, 1)

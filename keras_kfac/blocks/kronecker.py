@@ -113,8 +113,7 @@ class KroneckerBlock(CurvatureBlock):
         self.factor_a = add_variable(self.side_a.shape, "zeros", "factor_a")
         self.factor_g = add_variable(self.side_g.shape, "zeros", "factor_g")
         self._inverse = [add_variable(shape, init, name) for shape, init, name in self.inversion.state_specs()]
-        moment_specs = getattr(self.inversion, "moment_specs", lambda: [])()
-        self._moments = [add_variable(shape, init, name) for shape, init, name in moment_specs]
+        self._moments = [add_variable(shape, init, name) for shape, init, name in self.inversion.moment_specs()]
         self.state_variables = [self.factor_a, self.factor_g, *self._inverse, *self._moments]
 
     @property
@@ -165,9 +164,7 @@ class KroneckerBlock(CurvatureBlock):
     def multiply_matrix(self, matrix: tf.Tensor, damping) -> tf.Tensor:
         """The block's direction for the gradient `matrix`; with "eigen_adam" this also updates
         the block's per-step moments, so it runs once per step (the directions phase)."""
-        if self._moments:
-            return self.inversion.apply_with_moments(self._inverse, self._moments, matrix)
-        return self.inversion.apply(self._inverse, matrix, damping)
+        return self.inversion.apply(self._inverse, matrix, damping, self._moments)
 
     def multiply_inverse(self, grads: list, damping) -> list:
         return self.from_matrix(self.multiply_matrix(self.to_matrix(grads), damping))
@@ -186,6 +183,6 @@ class KroneckerBlock(CurvatureBlock):
     def memory_bytes(self) -> int:
         if self.state_variables:
             return super().memory_bytes()
-        moment_specs = getattr(self.inversion, "moment_specs", lambda: [])()
-        specs = [self.side_a.shape, self.side_g.shape] + [s for s, _, _ in self.inversion.state_specs() + moment_specs]
+        state = self.inversion.state_specs() + self.inversion.moment_specs()
+        specs = [self.side_a.shape, self.side_g.shape] + [s for s, _, _ in state]
         return sum(4 * math.prod(s) for s in specs)
