@@ -480,35 +480,6 @@ def fmt(value, digits=0):
     return f"{value:.{digits}f}"
 
 
-def print_table(batch_size: int, table: dict, seeds) -> str:
-    lines = [
-        f"### Batch {batch_size} ({len(seeds)} seed(s): {', '.join(map(str, seeds))}; mean over seeds"
-        + "".join(
-            f"; {kind}: seed(s) {', '.join(map(str, table[kind]['seeds']))}"
-            for kind in KINDS
-            if kind in table and table[kind]["seeds"] != list(seeds)
-        )
-        + ")",
-        "",
-        "| optimizer | steps to 85% | s to 85% | steps to 88% | s to 88% | steps to 90% | s to 90% "
-        f"| steps to Adam's final acc. ({table['_adam_final_accuracy']:.4f}) | s to it "
-        f"| steps to Adam's final loss ({table['_adam_final_loss']:.3f}) | final test acc. | step ms | x Adam |",
-        "|---|" + "---|" * 12,
-    ]
-    for kind in (k for k in KINDS if k in table):
-        r = table[kind]
-        lines.append(
-            f"| {kind} | {fmt(r['steps_to_0.85'])} | {fmt(r['seconds_to_0.85'])} | {fmt(r['steps_to_0.88'])} "
-            f"| {fmt(r['seconds_to_0.88'])} | {fmt(r['steps_to_0.90'])} | {fmt(r['seconds_to_0.90'])} "
-            f"| {fmt(r['steps_to_adam_final_accuracy'])} | {fmt(r['seconds_to_adam_final_accuracy'])} "
-            f"| {fmt(r['steps_to_adam_final_loss'])} | {r['final_test_accuracy']:.4f} | {r['mean_step_ms']:.1f} "
-            f"| {r['step_ratio_to_adam']:.2f} |"
-        )
-    text = "\n".join(lines)
-    print(text, flush=True)
-    return text
-
-
 def plot(
     batch_size: int,
     runs: dict,
