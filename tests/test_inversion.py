@@ -77,11 +77,9 @@ def test_gram_with_ones_matches_augmented_rows():
     assert ref.rel_err(diag, np.sum(augmented**2, axis=0)) < 1e-12
 
 
-@pytest.mark.parametrize(
-    "options", [dict(inverse_dtype="float64"), dict(inverse_jit=True)], ids=["float64", "xla-eigh"]
-)
-def test_inversion_options_give_the_same_step(options):
-    rng = np.random.default_rng(0)
+def _mlp_problem(seed: int):
+    """16 examples of 5 features, 3 classes, a tanh-softmax MLP and its float64 parameters."""
+    rng = np.random.default_rng(seed)
     x = rng.normal(size=(16, 5)).astype("float32")
     y = rng.integers(0, 3, size=16)
     model = keras_kfac.Sequential(
@@ -91,6 +89,14 @@ def test_inversion_options_give_the_same_step(options):
         (layer.kernel.numpy().astype(np.float64), layer.bias.numpy().astype(np.float64), act)
         for layer, act in zip(model.layers, ["tanh", "softmax"])
     ]
+    return x, y, model, params
+
+
+@pytest.mark.parametrize(
+    "options", [dict(inverse_dtype="float64"), dict(inverse_jit=True)], ids=["float64", "xla-eigh"]
+)
+def test_inversion_options_give_the_same_step(options):
+    x, y, model, params = _mlp_problem(seed=0)
     expected = ref.mlp_step(x.astype(np.float64), y, params, 0.5, 1e-2, "eigen")
     opt = keras_kfac.KFAC(
         learning_rate=0.5,
@@ -115,7 +121,7 @@ def test_inversion_options_give_the_same_step(options):
 
 @pytest.mark.parametrize("argument", ["inverse_jit", "statistics_jit"])
 def test_auto_jit_follows_the_accelerators_of_the_machine(argument, monkeypatch):
-    """"auto" means XLA exactly when TensorFlow sees a GPU or TPU, whatever this machine has."""
+    """ "auto" means XLA exactly when TensorFlow sees a GPU or TPU, whatever this machine has."""
     prop = {"inverse_jit": "inverse_in_xla", "statistics_jit": "statistics_in_xla"}[argument]
     accelerated = any(d.device_type in ("GPU", "TPU") for d in tf.config.list_physical_devices())
     assert getattr(keras_kfac.KFAC(), prop) is accelerated
@@ -188,16 +194,7 @@ def test_eigen_adam_is_adam_in_the_kronecker_eigenbasis():
 def test_eigen_adam_first_step_of_a_model():
     """The first step of a Dense layer is −lr · Q_A sign(R) Q_Gᵀ (v̂ = R² after one update),
     R = Q_Aᵀ ∇ Q_G in the eigenbasis of the batch's own factors; the block keeps the moments."""
-    rng = np.random.default_rng(4)
-    x = rng.normal(size=(16, 5)).astype("float32")
-    y = rng.integers(0, 3, size=16)
-    model = keras_kfac.Sequential(
-        [keras.Input((5,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3, activation="softmax")]
-    )
-    params = [
-        (layer.kernel.numpy().astype(np.float64), layer.bias.numpy().astype(np.float64), act)
-        for layer, act in zip(model.layers, ["tanh", "softmax"])
-    ]
+    x, y, model, params = _mlp_problem(seed=4)
     expected = ref.mlp_step(x.astype(np.float64), y, params, 0.1, 1e-2, "eigen")[0]
     opt = keras_kfac.KFAC(
         learning_rate=0.1,
