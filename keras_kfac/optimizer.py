@@ -43,6 +43,7 @@ FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
 MOMENTUM_FORMS = ("average", "heavy_ball")
+DEFAULT_DAMPING = 1e-4  # λ of a fixed damping given as None (the seed-task study, BENCHMARKS.md)
 
 
 def _has_accelerator() -> bool:
@@ -80,7 +81,11 @@ class KFAC(keras.optimizers.Optimizer):
         momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
             is chosen each step with α from the 2×2 system of the quadratic model over
             δ = −αU + μδ₀ (heavy-ball).
-        damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).
+        damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).  None:
+            `DEFAULT_DAMPING` (1e-4), or with adapt_damping=True the largest block curvature
+            at the first statistics (the maximum over blocks of ‖A‖_F·‖G‖_F, an upper bound on
+            the largest eigenvalue of A ⊗ G), so that the first steps stay close to gradient
+            descent until the Levenberg–Marquardt rule lowers λ.
         stats_decay: upper bound of the moving-average weight ε_k = min(1 − 1/k, stats_decay).
         stats_every: update the factor statistics every this many steps.
         inverse_every: recompute the blocks' damped inverses (eigendecompositions with
@@ -143,7 +148,7 @@ class KFAC(keras.optimizers.Optimizer):
         self,
         learning_rate=1e-3,
         momentum=0.9,
-        damping=1e-4,
+        damping=None,
         stats_decay=0.95,
         stats_every=10,
         inverse_every=50,
@@ -180,6 +185,9 @@ class KFAC(keras.optimizers.Optimizer):
         if not isinstance(learning_rate, LearningRateSchedule) and not callable(learning_rate):
             args.check_number("learning_rate", learning_rate, low=0.0)
             learning_rate = float(learning_rate)
+        damping_from_factors = damping is None and bool(adapt_damping)
+        if damping is None:
+            damping = DEFAULT_DAMPING
         if not isinstance(damping, LearningRateSchedule):
             args.check_number("damping", damping, low=0.0, low_open=True)
             damping = float(damping)
@@ -245,6 +253,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.damping_mode = damping_mode
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.adapt_damping = bool(adapt_damping)
+        self.damping_from_factors = damping_from_factors
         self.graft = graft
         self.stats_batch_size = stats_batch_size
         self.stats_locations = stats_locations
@@ -544,6 +553,9 @@ class KFAC(keras.optimizers.Optimizer):
         def inverses():
             return self._inverse_phase(reducer)
 
+        if self.damping_from_factors:
+            first = tf.logical_and(ok, tf.equal(self.iterations, 0))
+            tf.cond(first, self._initial_damping_phase, lambda: tf.constant(False))
         tf.cond(tf.logical_and(ok, self.due(self.inverse_every)), inverses, lambda: tf.constant(False))
 
         present = tuple(i for i, g in enumerate(grads) if g is not None)
@@ -619,6 +631,18 @@ class KFAC(keras.optimizers.Optimizer):
             return tf.constant(True)
 
         return tf.cond(ok, assign, lambda: tf.constant(False))
+
+    def _initial_damping_phase(self) -> tf.Tensor:
+        """damping=None with adapt_damping: λ₀ = the largest block curvature bound of the first
+        statistics, clipped to [min_damping, max_damping]; unchanged if no block gives one."""
+        bounds = [b for b in (block.largest_curvature() for block in self.blocks) if b is not None]
+        if not bounds:
+            return tf.constant(False)
+        largest = tf.reduce_max(tf.stack([tf.cast(b, tf.float32) for b in bounds]))
+        usable = tf.logical_and(tf.math.is_finite(largest), largest > 0.0)
+        start = tf.clip_by_value(largest, self.min_damping, self.max_damping)
+        self._damping.assign(tf.where(usable, start, self._damping))
+        return usable
 
     # -- phase 2: inverses ---------------------------------------------------------------
     def _inverse_phase(self, reducer):
@@ -907,6 +931,8 @@ class KFAC(keras.optimizers.Optimizer):
         config = super().get_config()
         if isinstance(self._damping, LearningRateSchedule):
             damping = keras.optimizers.schedules.serialize(self._damping)
+        elif self.damping_from_factors and int(self.iterations.numpy()) == 0:
+            damping = None  # still to be chosen from the factors at the first step
         else:
             damping = float(self._damping.numpy())
         fallback = self.fallback

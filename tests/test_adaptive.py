@@ -281,7 +281,7 @@ def test_adaptive_kfac_trains_fashion_mnist_mlp_without_tuning(monkeypatch):
     x_test = x_test[:1000].astype("float32") / 255.0
     keras.utils.set_random_seed(0)
     model = mlp()
-    opt = keras_kfac.KFAC(learning_rate=None, momentum=None, adapt_damping=True, damping=150.0)
+    opt = keras_kfac.KFAC(learning_rate=None, momentum=None, adapt_damping=True)  # untuned: λ₀ from the factors
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     logs = model.fit(x_train, y_train[:3072], batch_size=256, epochs=5, verbose=0).history
     assert logs["loss"][-1] < 0.6 * logs["loss"][0]

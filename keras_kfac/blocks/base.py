@@ -99,6 +99,12 @@ class CurvatureBlock:
         """Flops of `compute_inverse` up to a constant (to balance replicas)."""
         raise NotImplementedError
 
+    def largest_curvature(self) -> tf.Tensor | None:
+        """An upper bound on the largest eigenvalue of the block's undamped curvature from its
+        current statistics (the starting λ of adaptive damping is the largest over the blocks);
+        None: the block gives no bound."""
+        return None
+
     def multiply_inverse(self, grads: list, damping) -> list:
         """The damped inverse curvature times the gradients of `variables` (float32, same shapes)."""
         raise NotImplementedError

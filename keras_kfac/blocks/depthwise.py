@@ -257,6 +257,17 @@ def _unsupported(layer, kernels) -> str | None:
     return None
 
 
+def _largest_channel_curvature(factor_a, factor_g) -> tf.Tensor:
+    """max over channels c of ‖A_c‖_F · ‖G_c‖_F (≥ the largest eigenvalue of every A_c ⊗ G_c);
+    a factor is (C, n, n) dense or (C, n) diagonal per channel."""
+
+    def norms(factor):
+        squares = tf.square(tf.cast(factor, tf.float32))
+        return tf.sqrt(tf.reduce_sum(tf.reshape(squares, (tf.shape(squares)[0], -1)), axis=1))
+
+    return tf.reduce_max(norms(factor_a) * norms(factor_g))
+
+
 class DepthwiseConv2DBlock(CurvatureBlock):
     """Per-channel Kronecker blocks of a DepthwiseConv2D layer (see module doc)."""
 
@@ -311,6 +322,9 @@ class DepthwiseConv2DBlock(CurvatureBlock):
 
     def inverse_cost(self) -> int:
         return self.part.inversion.cost()
+
+    def largest_curvature(self) -> tf.Tensor:
+        return _largest_channel_curvature(*self._statistics)
 
     def multiply_inverse(self, grads: list, damping) -> list:
         matrices = self.part.to_matrices(*grads)
@@ -423,6 +437,13 @@ class SeparableConv2DBlock(CurvatureBlock):
         depthwise, ok_d = self.depthwise.inversion.compute(*self._depthwise_stats, damping)
         pointwise, ok_p = self.inversion.compute(self._pointwise_stats, damping)
         return [*depthwise, *pointwise], tf.logical_and(ok_d, ok_p)
+
+    def largest_curvature(self) -> tf.Tensor:
+        """The larger of the depthwise channels' bound and the pointwise ‖A‖_F · ‖G‖_F."""
+        pointwise_a, pointwise_g = self._pointwise_stats
+        return tf.maximum(
+            _largest_channel_curvature(*self._depthwise_stats), tf.norm(pointwise_a) * tf.norm(pointwise_g)
+        )
 
     def inverse_cost(self) -> int:
         pointwise = sum(side.size ** (1 if side.diagonal else 3) for side in (self.side_a, self.side_g))

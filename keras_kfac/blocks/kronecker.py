@@ -143,6 +143,10 @@ class KroneckerBlock(CurvatureBlock):
     def compute_inverse(self, damping) -> tuple[list, tf.Tensor]:
         return self.inversion.compute([self.factor_a, self.factor_g], damping)
 
+    def largest_curvature(self) -> tf.Tensor:
+        """‖A‖_F · ‖G‖_F ≥ λ_max(A) λ_max(G) = λ_max(A ⊗ G) (a diagonal side: the norm of its vector)."""
+        return tf.norm(self.factor_a) * tf.norm(self.factor_g)
+
     def inverse_cost(self) -> int:
         return sum(side.size ** (1 if side.diagonal else 3) for side in (self.side_a, self.side_g))
 

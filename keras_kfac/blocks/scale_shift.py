@@ -133,6 +133,11 @@ class FeatureBlock(CurvatureBlock):
     def inverse_cost(self) -> int:
         return self.size
 
+    def largest_curvature(self) -> tf.Tensor:
+        """The largest trace of a feature's 1×1 or 2×2 matrix (≥ its largest eigenvalue)."""
+        trace = self.fisher[0] if len(self.parts) == 1 else self.fisher[0] + self.fisher[2]
+        return tf.reduce_max(trace)
+
     def multiply_inverse(self, grads: list, damping) -> list:
         dtype = tf.as_dtype(self.options.inverse_dtype)
         lam = tf.cast(damping, dtype)
