@@ -80,7 +80,7 @@ class KFAC(keras.optimizers.Optimizer):
             α is chosen each step by minimizing the quadratic model (see `keras_kfac.quadratic`).
         momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
             is chosen each step with α from the 2×2 system of the quadratic model over
-            δ = −αU + μδ₀ (heavy-ball).
+            δ = −αU + μδ₀ (heavy-ball), kept in [0, 0.99].
         damping: λ > 0, float or `LearningRateSchedule` (evaluated at the step counter).  None:
             `DEFAULT_DAMPING` (1e-4), or with adapt_damping=True the largest block curvature
             at the first statistics (the maximum over blocks of ‖A‖_F·‖G‖_F, an upper bound on

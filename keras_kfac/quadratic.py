@@ -77,10 +77,17 @@ def quadratic_value(coefficients, gram, gradient_dots, damping) -> tf.Tensor:
     return 0.5 * tf.reduce_sum(c * tf.matmul(gram, c)) + tf.reduce_sum(c[:, 0] * gradient_dots)
 
 
+MAX_MOMENTUM = 0.99  # the largest μ the quadratic model chooses or reuses
+
+
 def solve_step(gram, gradient_dots, learning_rate=None, momentum=None) -> tuple[tf.Tensor, tf.Tensor]:
     """(α, μ) minimizing M(αΔ + μδ₀) = ½[α μ] C [α μ]ᵀ + [α μ]·b, C = `gram` (2×2, damped),
     b = `gradient_dots` = [∇ᵀΔ, ∇ᵀδ₀]; a given `learning_rate`/`momentum` is held fixed.
 
+    A chosen μ is kept in [0, MAX_MOMENTUM] (the minimum of M over that interval: M minimized
+    over α is convex in μ, so an unconstrained μ outside it moves to the nearer end, and α is
+    then the best α for that μ): the unconstrained 2×2 solution on small, noisy batches swings
+    between μ < 0 and μ > 1 and, repeated, makes the run diverge (BENCHMARKS.md).
     A singular 2×2 (e.g. δ₀ = 0 at the first step) falls back to α alone with μ = 0; a
     non-descent Δ (∇ᵀΔ ≥ 0) or a non-finite solution gives α = 0.
     """
@@ -96,14 +103,16 @@ def solve_step(gram, gradient_dots, learning_rate=None, momentum=None) -> tuple[
         alpha2 = (-b1 * c22 + b2 * c12) / safe
         mu2 = (-b2 * c11 + b1 * c12) / safe
         alpha1 = -b1 / tf.maximum(c11, tiny)
-        alpha = tf.where(ok, alpha2, alpha1)
-        mu = tf.where(ok, mu2, 0.0)
+        mu = tf.where(ok, tf.clip_by_value(mu2, 0.0, MAX_MOMENTUM), 0.0)
+        clipped = tf.logical_and(ok, tf.not_equal(mu, mu2))
+        alpha = tf.where(ok, tf.where(clipped, -(b1 + mu * c12) / tf.maximum(c11, tiny), alpha2), alpha1)
     elif learning_rate is None:
         mu = tf.cast(momentum, tf.float32)
         alpha = -(b1 + mu * c12) / tf.maximum(c11, tiny)
     else:
         alpha = tf.cast(learning_rate, tf.float32)
         mu = tf.where(c22 > tiny, -(b2 + alpha * c12) / tf.maximum(c22, tiny), 0.0)
+        mu = tf.clip_by_value(mu, 0.0, MAX_MOMENTUM)
     good = tf.logical_and(tf.math.is_finite(alpha), tf.math.is_finite(mu))
     if learning_rate is None:
         good = tf.logical_and(good, b1 < 0.0)
@@ -112,12 +121,9 @@ def solve_step(gram, gradient_dots, learning_rate=None, momentum=None) -> tuple[
     return alpha, mu
 
 
-MAX_REUSED_MOMENTUM = 0.99
-
-
 def reusable_step(alpha, mu) -> tuple[tf.Tensor, tf.Tensor]:
     """(α, μ) to repeat on the steps between two choices (`adapt_every` > 1): α clipped to ≥ 0
-    and μ to [0, MAX_REUSED_MOMENTUM], so that the velocity v ← μv + αΔ stays bounded."""
+    and μ to [0, MAX_MOMENTUM], so that the velocity v ← μv + αΔ stays bounded."""
     alpha = tf.maximum(tf.cast(alpha, tf.float32), 0.0)
-    mu = tf.clip_by_value(tf.cast(mu, tf.float32), 0.0, MAX_REUSED_MOMENTUM)
+    mu = tf.clip_by_value(tf.cast(mu, tf.float32), 0.0, MAX_MOMENTUM)
     return alpha, mu

@@ -207,3 +207,14 @@ def tridiagonal_inverse(factors, cross, damping):
         else:
             lam[s, s] = np.linalg.inv(diag[i])
     return xi.T @ lam @ xi, starts
+
+
+def step_coefficients(system, linear, max_momentum=0.99, grid=200001):
+    """(α, μ) minimizing ½[α μ] S [α μ]ᵀ + [α μ]·linear with μ in [0, max_momentum], by brute force
+    over μ (α in closed form for each μ), float64: the quadratic model's choice of step."""
+    s, b = np.asarray(system, np.float64), np.asarray(linear, np.float64)
+    mu = np.linspace(0.0, max_momentum, grid)
+    alpha = -(b[0] + mu * s[0, 1]) / s[0, 0]
+    values = 0.5 * (s[0, 0] * alpha**2 + 2 * s[0, 1] * alpha * mu + s[1, 1] * mu**2) + b[0] * alpha + b[1] * mu
+    best = int(np.argmin(values))
+    return np.array([alpha[best], mu[best]])

@@ -175,13 +175,26 @@ def test_solve_step_is_the_two_by_two_solution():
     rng = np.random.default_rng(1)
     r = rng.normal(size=(2, 2))
     c = r @ r.T + 0.1 * np.eye(2)
+    for b in ([-1.3, 1.0], [-1.3, 2.0], [-1.3, 0.4]):  # the free μ inside [0, 0.99], below it, above it
+        b = np.array(b)
+        free = np.linalg.solve(c, -b)
+        alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32))
+        if 0.0 <= free[1] <= 0.99:
+            np.testing.assert_allclose([alpha.numpy(), mu.numpy()], free, rtol=1e-4)
+        else:
+            assert mu.numpy() in (0.0, np.float32(0.99))
+        np.testing.assert_allclose([alpha.numpy(), mu.numpy()], ref.step_coefficients(c, b), rtol=1e-4, atol=1e-4)
+    free_mu = [np.linalg.solve(c, -np.array(b))[1] for b in ([-1.3, 1.0], [-1.3, 2.0], [-1.3, 0.4])]
+    assert 0 < free_mu[0] < 0.99 and free_mu[1] < 0 and free_mu[2] > 0.99
     b = np.array([-1.3, 0.4])
-    alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32))
-    np.testing.assert_allclose([alpha.numpy(), mu.numpy()], np.linalg.solve(c, -b), rtol=1e-4)
     alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32), momentum=0.5)
     np.testing.assert_allclose(alpha.numpy(), -(b[0] + 0.5 * c[0, 1]) / c[0, 0], rtol=1e-5)
     alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), tf.constant(b, tf.float32), learning_rate=0.2)
-    np.testing.assert_allclose(mu.numpy(), -(b[1] + 0.2 * c[0, 1]) / c[1, 1], rtol=1e-5)
+    np.testing.assert_allclose(mu.numpy(), np.clip(-(b[1] + 0.2 * c[0, 1]) / c[1, 1], 0.0, 0.99), rtol=1e-5)
+    inside = tf.constant([-1.3, -1.0], tf.float32)
+    alpha, mu = quadratic.solve_step(tf.constant(c, tf.float32), inside, learning_rate=0.2)
+    np.testing.assert_allclose(mu.numpy(), -(-1.0 + 0.2 * c[0, 1]) / c[1, 1], rtol=1e-5)  # inside [0, 0.99]
+    assert 0 < mu.numpy() < 0.99
     singular = np.array([[2.0, 0.0], [0.0, 0.0]])  # δ₀ = 0: α alone
     alpha, mu = quadratic.solve_step(tf.constant(singular, tf.float32), tf.constant([-1.0, 0.0]))
     assert (alpha.numpy(), mu.numpy()) == (0.5, 0.0)
@@ -217,8 +230,8 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
     np.testing.assert_allclose(delta, alpha * direction + mu * prev, rtol=2e-3, atol=1e-6 * np.abs(delta).max())
     c = _dense_fisher(theta1, shapes, x64, "softmax") + lam * np.eye(theta1.size)
     system = np.array([[direction @ c @ direction, direction @ c @ prev], [prev @ c @ direction, prev @ c @ prev]])
-    solution = np.linalg.solve(system, -np.array([grad @ direction, grad @ prev]))
-    np.testing.assert_allclose(solution, [alpha, mu], rtol=2e-2)
+    solution = ref.step_coefficients(system, [grad @ direction, grad @ prev])
+    np.testing.assert_allclose(solution, [alpha, mu], rtol=2e-2, atol=1e-4)
 
 
 def test_lm_rule_closed_form():
