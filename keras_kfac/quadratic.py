@@ -102,10 +102,9 @@ def solve_step(gram, gradient_dots, learning_rate=None, momentum=None) -> tuple[
         safe = tf.where(ok, det, 1.0)
         alpha2 = (-b1 * c22 + b2 * c12) / safe
         mu2 = (-b2 * c11 + b1 * c12) / safe
-        alpha1 = -b1 / tf.maximum(c11, tiny)
         mu = tf.where(ok, tf.clip_by_value(mu2, 0.0, MAX_MOMENTUM), 0.0)
-        clipped = tf.logical_and(ok, tf.not_equal(mu, mu2))
-        alpha = tf.where(ok, tf.where(clipped, -(b1 + mu * c12) / tf.maximum(c11, tiny), alpha2), alpha1)
+        # The free solution where μ stayed, else the best α for the μ kept (μ = 0: α alone).
+        alpha = tf.where(tf.logical_and(ok, tf.equal(mu, mu2)), alpha2, -(b1 + mu * c12) / tf.maximum(c11, tiny))
     elif learning_rate is None:
         mu = tf.cast(momentum, tf.float32)
         alpha = -(b1 + mu * c12) / tf.maximum(c11, tiny)

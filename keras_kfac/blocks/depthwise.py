@@ -262,8 +262,7 @@ def _largest_channel_curvature(factor_a, factor_g) -> tf.Tensor:
     a factor is (C, n, n) dense or (C, n) diagonal per channel."""
 
     def norms(factor):
-        squares = tf.square(tf.cast(factor, tf.float32))
-        return tf.sqrt(tf.reduce_sum(tf.reshape(squares, (tf.shape(squares)[0], -1)), axis=1))
+        return tf.norm(tf.reshape(tf.cast(factor, tf.float32), (tf.shape(factor)[0], -1)), axis=1)
 
     return tf.reduce_max(norms(factor_a) * norms(factor_g))
 
