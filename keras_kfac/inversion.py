@@ -14,6 +14,14 @@ columns: the output side g) and its curvature A ⊗ G acts on the row-major vect
   eigenbasis (SOAP, Vyas et al. 2024, with K-FAC's basis in place of Shampoo's); λ is not used.
   Before the first inversion Q = I and the step is Adam's direction.  Blocks that hold no
   moment state (per-channel depthwise blocks) apply it as "eigen".
+- `EigenvalueCorrectedInversion` ("ekfac", George et al. 2018): the eigenbases of "eigen", but
+  each coordinate of R is divided by S + λ, where S (dim_a × dim_g) is the second moment of the
+  per-example gradients in that basis, S = mean_n (Q_Aᵀ ∇_n Q_G)² (∇_n = Σ_rows ā gᵀ of example
+  n), re-estimated at every statistics step.  At each inversion S restarts from a gᵀ (so that
+  until the next statistics step the step is "eigen"'s) and then averages the estimates made in
+  the new basis (weight min(1 − 1/k, stats_decay) on the old value after k of them).  Blocks
+  whose gradients are not sums of per-row outer products (per-channel depthwise blocks,
+  Embedding) apply it as "eigen".
 - `FactoredInversion` ("factored"): stores (A + π√λ I)⁻¹ and (G + √λ/π I)⁻¹ (Cholesky) at each
   inversion, π = sqrt((tr A / dim A) / (tr G / dim G)), and applies U = Ã⁻¹ V G̃⁻¹.
 
@@ -46,6 +54,7 @@ class EigenInversion:
     """Exact damping through the eigendecompositions of both factors (see module doc)."""
 
     name = "eigen"
+    per_example_scaling = False  # whether the block feeds it per-example gradient estimates
 
     def __init__(self, side_a, side_g, dtype: str = "float32"):
         self.sides = (side_a, side_g)
@@ -69,6 +78,10 @@ class EigenInversion:
             if eigenvectors is not None:
                 values.append(eigenvectors)
         return values, all_finite(values)
+
+    def after_inverse(self, state, moments, ok) -> None:
+        """Called once the new `state` is stored (nothing to do here)."""
+        del state, moments, ok
 
     def _split(self, state) -> tuple:
         state = list(state)
@@ -121,10 +134,68 @@ class EigenbasisAdamInversion(EigenInversion):
         return rotated / (tf.sqrt(second / correction) + self.epsilon)
 
 
+class EigenvalueCorrectedInversion(EigenInversion):
+    """K-FAC's eigenbases with the per-example scaling S re-estimated in them (see module doc)."""
+
+    name = "ekfac"
+    per_example_scaling = True
+
+    def moment_specs(self) -> list:
+        """S and the number of its estimates since the last inversion."""
+        side_a, side_g = self.sides
+        return [((side_a.size, side_g.size), "zeros", "eigenvalue_scaling"), ((), "zeros", "scaling_updates")]
+
+    def after_inverse(self, state, moments, ok) -> None:
+        """A new basis: S restarts from the product of the new eigenvalues."""
+        if not moments:
+            return
+        (eig_a, _), (eig_g, _) = self._split(state)
+        scaling, count = moments
+        scaling.assign(tf.where(ok, eig_a[:, None] * eig_g[None, :], scaling))
+        count.assign(tf.where(ok, 0.0, count))
+
+    def batch_scaling(self, state, per_example: list) -> tf.Tensor:
+        """mean_n (Q_Aᵀ ∇_n Q_G)² from `per_example`, a list (one entry per call of the layer) of
+        (rows_a, rows_g) of shapes (m, L, dim_a) and (m, L, dim_g): ∇_n = Σ_calls Σ_l ā gᵀ."""
+        (_, vec_a), (_, vec_g) = self._split(state)
+
+        def rotate(rows, vectors):  # each row r becomes Qᵀ r (diagonal side: Q = I)
+            return rows if vectors is None else tf.einsum("mld,de->mle", rows, vectors)
+
+        rotated = [(rotate(a, vec_a), rotate(g, vec_g)) for a, g in per_example]
+        m = tf.cast(tf.shape(rotated[0][0])[0], tf.float32)
+        if len(rotated) == 1 and rotated[0][0].shape[1] == 1:  # ∇_n = ā gᵀ: (Q_Aᵀā)² (Q_Gᵀg)²ᵀ
+            a, g = rotated[0]
+            return tf.matmul(tf.square(a[:, 0]), tf.square(g[:, 0]), transpose_a=True) / m
+
+        def add_example(total, n):
+            grad = tf.add_n([tf.matmul(a[n], g[n], transpose_a=True) for a, g in rotated])
+            return total + tf.square(grad)
+
+        side_a, side_g = self.sides
+        zero = tf.zeros((side_a.size, side_g.size), tf.float32)
+        total = tf.foldl(add_example, tf.range(tf.shape(rotated[0][0])[0]), initializer=zero)
+        return total / m
+
+    def update_scaling(self, moments, estimate, decay) -> None:
+        """S ← d S + (1 − d) estimate, d = min(1 − 1/k, `decay`) for the k-th estimate in this basis."""
+        scaling, count = moments
+        count.assign_add(1.0)
+        weight = tf.minimum(1.0 - 1.0 / count, tf.cast(decay, tf.float32))
+        scaling.assign(weight * scaling + (1.0 - weight) * estimate)
+
+    def scale(self, rotated, eig_a, eig_g, damping, moments) -> tf.Tensor:
+        """R / (S + λ); without moments (a block that holds none) the "eigen" scaling."""
+        if not moments:
+            return super().scale(rotated, eig_a, eig_g, damping, moments)
+        return rotated / (moments[0] + tf.cast(damping, tf.float32))
+
+
 class FactoredInversion:
     """Factored Tikhonov damping with explicit inverses (see module doc)."""
 
     name = "factored"
+    per_example_scaling = False
 
     def __init__(self, side_a, side_g, dtype: str = "float32"):
         self.sides = (side_a, side_g)
@@ -148,6 +219,9 @@ class FactoredInversion:
     def moment_specs(self) -> list:
         return []
 
+    def after_inverse(self, state, moments, ok) -> None:
+        del state, moments, ok
+
     def apply(self, state, matrix: tf.Tensor, damping, moments=()) -> tf.Tensor:
         del damping, moments  # λ is already inside the stored inverses; no per-step state
         side_a, side_g = self.sides
@@ -155,4 +229,6 @@ class FactoredInversion:
         return side_g.multiply(side_a.multiply(matrix, inverse_a, 0), inverse_g, 1)
 
 
-INVERSIONS = {cls.name: cls for cls in (EigenInversion, EigenbasisAdamInversion, FactoredInversion)}
+INVERSIONS = {
+    cls.name: cls for cls in (EigenInversion, EigenbasisAdamInversion, EigenvalueCorrectedInversion, FactoredInversion)
+}

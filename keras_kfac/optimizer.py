@@ -98,7 +98,9 @@ class KFAC(keras.optimizers.Optimizer):
             explicit inverses computed by Cholesky at each inversion (two products per step; a
             damping schedule takes effect at the inversions); "eigen_adam" keeps the eigenbases
             of "eigen" and scales each coordinate of the rotated gradient by Adam's second
-            moment there instead of 1 / (a gᵀ + λ) (SOAP-like; λ unused).  See
+            moment there instead of 1 / (a gᵀ + λ) (SOAP-like; λ unused); "ekfac" keeps them
+            too and divides by S + λ, S the per-example gradients' second moment in that basis,
+            re-estimated at every statistics step (George et al. 2018).  See
             `keras_kfac.inversion`.
         kl_clip: if set, the step is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))) (with an
             automatic α, by the same bound with α as lr).

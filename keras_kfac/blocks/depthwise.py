@@ -101,8 +101,8 @@ class ChannelKroneckerInversion:
     (eigen or factored damping, see the module doc).  Gradients are (C, dim_a, dim_g)."""
 
     def __init__(self, mode: str, channels: int, dim_a: int, dim_g: int, dtype: str = "float32"):
-        if mode == "eigen_adam":
-            mode = "eigen"  # no per-step moments per channel (see keras_kfac.inversion)
+        if mode in ("eigen_adam", "ekfac"):
+            mode = "eigen"  # no per-step moments or scaling per channel (see keras_kfac.inversion)
         if mode not in ("eigen", "factored"):
             raise ValueError(f"Unknown damping_mode {mode!r}.")
         self.name = mode

@@ -32,6 +32,7 @@ from keras_kfac.factors import DiagonalFactor
 
 class EmbeddingBlock(KroneckerBlock):
     kind = "EmbeddingBlock"
+    per_example_gradients = False  # its batch statistics are ids, not rows: "ekfac" runs as "eigen"
 
     def __init__(self, layer, options: BlockOptions | None = None):
         # Not KroneckerBlock.__init__: an Embedding has no `kernel`, and its A side is diagonal.

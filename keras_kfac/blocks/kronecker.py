@@ -29,6 +29,9 @@ class KroneckerBlock(CurvatureBlock):
     """Subclasses give `preactivation(inputs)` and `input_rows(inputs, locations, seed)`."""
 
     kind = "kronecker"
+    # Whether example n's gradient is Σ ā gᵀ over its rows of `input_rows`/`output_rows` (all
+    # locations), which damping_mode="ekfac" needs; a subclass for which it is not sets False.
+    per_example_gradients = True
 
     def __init__(self, layer, options: BlockOptions | None = None):
         super().__init__(layer, options)
@@ -49,7 +52,10 @@ class KroneckerBlock(CurvatureBlock):
         limit = self.options.max_factor_size
         self.side_a = side_a or factor_for(self.dim_a, limit)
         self.side_g = side_g or factor_for(self.dim_g, limit)
-        self.inversion = INVERSIONS[self.options.damping_mode](self.side_a, self.side_g, self.options.inverse_dtype)
+        mode = self.options.damping_mode
+        if mode == "ekfac" and not self.per_example_gradients:
+            mode = "eigen"  # no per-example gradients to re-estimate the scaling from
+        self.inversion = INVERSIONS[mode](self.side_a, self.side_g, self.options.inverse_dtype)
 
     @staticmethod
     def adapted_reason(layer) -> str | None:
@@ -138,7 +144,33 @@ class KroneckerBlock(CurvatureBlock):
         n_rows = tf.cast(tf.shape(rows_a)[0], tf.float32)
         factor_a = self.side_a.gram(rows_a, with_ones=self.bias is not None) / n_rows
         factor_g = self.side_g.gram(rows_g) / tf.cast(num_examples, tf.float32)
+        if self.inversion.per_example_scaling and self._moments:
+            return [factor_a, factor_g, self.batch_scaling(inputs, targets_grads)]
         return [factor_a, factor_g]
+
+    def batch_scaling(self, inputs, targets_grads) -> tf.Tensor:
+        """damping_mode="ekfac": the batch estimate of S in the current eigenbases, from every
+        example's rows at all its locations (`stats_locations` does not apply)."""
+        per_example = []
+        for x, g in zip(inputs, targets_grads):
+            examples = tf.shape(x)[0]
+            rows_a = self.input_rows(tf.cast(x, tf.float32))
+            if self.bias is not None:
+                rows_a = tf.concat([rows_a, tf.ones_like(rows_a[:, :1])], axis=1)
+            rows_g = self.output_rows(tf.cast(g, tf.float32))
+            per_example.append(
+                (tf.reshape(rows_a, (examples, -1, self.dim_a)), tf.reshape(rows_g, (examples, -1, self.dim_g)))
+            )
+        return self.inversion.batch_scaling(self._inverse, per_example)
+
+    def update_statistics(self, batch: list, decay) -> None:
+        super().update_statistics(batch[:2], decay)
+        if len(batch) > 2:
+            self.inversion.update_scaling(self._moments, batch[2], decay)
+
+    def assign_inverse(self, values: list, ok) -> None:
+        super().assign_inverse(values, ok)
+        self.inversion.after_inverse(self._inverse, self._moments, ok)
 
     def compute_inverse(self, damping) -> tuple[list, tf.Tensor]:
         return self.inversion.compute([self.factor_a, self.factor_g], damping)
