@@ -126,6 +126,10 @@ class KFAC(keras.optimizers.Optimizer):
         exclude: layers kept out of K-FAC (trained by the fallback): a layer name, a list of
             names, or a callable taking a layer and returning True to exclude it.
         max_factor_size: a factor side larger than this keeps only its diagonal (None: no limit).
+        diagonal_fisher: layers that no block models (custom layers, bare weights) get a
+            diagonal Fisher block (`keras_kfac.blocks.DiagonalFisherBlock`, u = ∇ / (F̂ + λ) with
+            F̂ estimated from batch gradients of the sampled loss) instead of the fallback
+            optimizer.  Layers excluded by `exclude` or called in nested graphs keep the fallback.
         momentum_form: "average" (v ← μv + (1 − μ)U, step −lr·v/(1 − μᵗ): Adam's bias-corrected
             first moment, so that with graft="adam" the step is as long as Adam's at the same
             learning rate) or "heavy_ball" (v ← μv − lr·U, step v: Martens & Grosse, about
@@ -174,6 +178,7 @@ class KFAC(keras.optimizers.Optimizer):
         max_damping=1e8,
         exclude=None,
         max_factor_size=DEFAULT_MAX_FACTOR_SIZE,
+        diagonal_fisher=False,
         weight_sharing=None,
         momentum_form=None,
         name=None,
@@ -229,6 +234,7 @@ class KFAC(keras.optimizers.Optimizer):
         args.check_bool("distribute_inverses", distribute_inverses)
         args.check_fallback(fallback)
         args.check_exclude(exclude)
+        args.check_bool("diagonal_fisher", diagonal_fisher)
         if max_factor_size is not None:
             args.check_number("max_factor_size", max_factor_size, low=1, integer=True)
         args.check_choice("weight_sharing", weight_sharing, (None, "expand", "reduce"))
@@ -262,6 +268,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.fallback = fallback
         self.exclude = exclude
         self.max_factor_size = max_factor_size
+        self.diagonal_fisher = bool(diagonal_fisher)
         self.weight_sharing = weight_sharing
         self.momentum_form = momentum_form
         self.inverse_jit = inverse_jit
@@ -306,6 +313,7 @@ class KFAC(keras.optimizers.Optimizer):
             stats_locations=self.stats_locations,
             inverse_dtype=self.inverse_dtype,
             weight_sharing=self.weight_sharing,
+            diagonal_fisher=self.diagonal_fisher,
         )
 
     # ----------------------------------------------------------------------------- setup
@@ -962,6 +970,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "fallback": fallback,
                 "exclude": exclude,
                 "max_factor_size": self.max_factor_size,
+                "diagonal_fisher": self.diagonal_fisher,
                 "weight_sharing": self.weight_sharing,
                 "momentum_form": self.momentum_form,
                 "inverse_jit": self.inverse_jit,

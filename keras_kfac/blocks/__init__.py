@@ -8,6 +8,7 @@ from keras_kfac.blocks.conv3d import Conv3DBlock
 from keras_kfac.blocks.convolution import ConvolutionBlock
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.depthwise import DepthwiseConv2DBlock, SeparableConv2DBlock
+from keras_kfac.blocks.diagonal import DiagonalFisherBlock
 from keras_kfac.blocks.einsum_dense import (
     DenseReduceBlock,
     EinsumDenseBlock,
@@ -45,6 +46,7 @@ __all__ = [
     "Conv2DTransposeBlock",
     "DepthwiseConv2DBlock",
     "SeparableConv2DBlock",
+    "DiagonalFisherBlock",
     "block_for_layer",
     "register_block",
     "registered_blocks",

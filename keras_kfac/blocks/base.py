@@ -26,6 +26,7 @@ class BlockOptions:
     stats_locations: int | None = None
     inverse_dtype: str = "float32"
     weight_sharing: str | None = None  # "expand" or "reduce" over shared positions (None: the block's default)
+    diagonal_fisher: bool = False  # layers without a block get a `DiagonalFisherBlock`
 
 
 class CurvatureBlock:

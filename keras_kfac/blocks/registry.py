@@ -17,6 +17,7 @@ from keras_kfac.blocks.conv2d_transpose import Conv2DTransposeBlock
 from keras_kfac.blocks.conv3d import Conv3DBlock
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.depthwise import DepthwiseConv2DBlock, SeparableConv2DBlock
+from keras_kfac.blocks.diagonal import DiagonalFisherBlock
 from keras_kfac.blocks.einsum_dense import EinsumDenseBlock
 from keras_kfac.blocks.embedding import EmbeddingBlock
 from keras_kfac.blocks.scale_shift import BatchNormalizationBlock, GroupNormalizationBlock, LayerNormalizationBlock
@@ -41,7 +42,16 @@ def registered_blocks() -> dict:
 
 
 def block_for_layer(layer, options: BlockOptions | None = None) -> tuple[CurvatureBlock | None, str]:
-    """Returns (block, "") for a supported layer, or (None, reason) otherwise."""
+    """Returns (block, "") for a supported layer, or (None, reason) otherwise.  With
+    `options.diagonal_fisher`, a layer that would get none gets a `DiagonalFisherBlock`."""
+    block, reason = _registered_block(layer, options)
+    if block is None and options is not None and options.diagonal_fisher:
+        if DiagonalFisherBlock.unsupported_reason(layer) is None:
+            return DiagonalFisherBlock(layer, options), ""
+    return block, reason
+
+
+def _registered_block(layer, options: BlockOptions | None) -> tuple[CurvatureBlock | None, str]:
     for cls in type(layer).__mro__:
         block_class = _BLOCKS.get(cls)
         if block_class is None:
