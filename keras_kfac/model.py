@@ -289,6 +289,27 @@ class KFACTrainStep:
             self._kfac_restore(before)
             return _private.compute_loss(self, x, y, self._kfac_call(x), sample_weight)
 
+        curvature = None
+        k = _kfac_optimizer(self.optimizer).curvature_batch_size
+        if k is not None:
+            first = lambda t: None if t is None else t[:k]  # noqa: E731
+            x_k = keras.tree.map_structure(first, x)
+            y_k = keras.tree.map_structure(first, y) if y is not None else None
+            w_k = keras.tree.map_structure(first, sample_weight) if sample_weight is not None else None
+
+            def forward_k():
+                self._kfac_restore(before)
+                return keras.tree.flatten(self._kfac_call(x_k))
+
+            curvature = BatchQuadratic(
+                forward_k,
+                None,
+                self._kfac_output_losses(y_pred),
+                self.trainable_weights,
+                tf.shape(keras.tree.flatten(x_k)[0])[0],
+                targets=y_k,
+                sample_weight=w_k,
+            )
         return BatchQuadratic(
             forward,
             loss_fn,
@@ -297,6 +318,7 @@ class KFACTrainStep:
             num_examples,
             targets=y,
             sample_weight=sample_weight,
+            curvature=curvature,
         )
 
     def _kfac_rollback(self, applied, snapshot) -> None:

@@ -116,6 +116,10 @@ class KFAC(keras.optimizers.Optimizer):
             of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
         stats_batch_size: compute the statistics from a forward and backward pass of the first
             k examples of each batch alone, on statistics steps (None: from the whole batch).
+        curvature_batch_size: with learning_rate=None, momentum=None or adapt_damping=True, the
+            Fisher products of the quadratic model (two forward-mode passes whenever α, μ are
+            chosen) use only the first k examples of each batch (None: the whole batch); its
+            gradient and the losses of ρ stay the whole batch's.
         stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
             output locations per example (None: all of them); G always uses all.
         fallback: Keras optimizer (instance, name or config) for variables without a block.
@@ -164,6 +168,7 @@ class KFAC(keras.optimizers.Optimizer):
         adapt_damping=False,
         graft="adam",
         stats_batch_size=32,
+        curvature_batch_size=None,
         stats_locations=None,
         fallback=None,
         inverse_jit="auto",
@@ -218,6 +223,8 @@ class KFAC(keras.optimizers.Optimizer):
         args.check_choice("graft", graft, GRAFT_TYPES)
         if stats_batch_size is not None:
             args.check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
+        if curvature_batch_size is not None:
+            args.check_number("curvature_batch_size", curvature_batch_size, low=1, integer=True)
         if stats_locations is not None:
             args.check_number("stats_locations", stats_locations, low=1, integer=True)
         args.check_choice("inverse_jit", inverse_jit, ("auto", True, False))
@@ -264,6 +271,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.damping_from_factors = damping_from_factors
         self.graft = graft
         self.stats_batch_size = stats_batch_size
+        self.curvature_batch_size = curvature_batch_size
         self.stats_locations = stats_locations
         self.fallback = fallback
         self.exclude = exclude
@@ -966,6 +974,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "adapt_damping": self.adapt_damping,
                 "graft": self.graft,
                 "stats_batch_size": self.stats_batch_size,
+                "curvature_batch_size": self.curvature_batch_size,
                 "stats_locations": self.stats_locations,
                 "fallback": fallback,
                 "exclude": exclude,

@@ -28,9 +28,22 @@ class BatchQuadratic:
     `forward()` returns the model outputs as a flat list; `specs` one `keras_kfac.losses.OutputLoss`
     per output; `targets` and `sample_weight` the batch's y and sample weights (one entry per
     flat output, or anything `keras_kfac.losses.per_output` takes; None: no labels, weights 1).
+    `curvature`: another `BatchQuadratic` (e.g. of the batch's first examples) whose Fisher
+    products `gram` returns instead: F is then estimated on those examples alone, while the
+    losses stay this batch's.
     """
 
-    def __init__(self, forward, loss_fn, specs: list, variables: list, num_examples, targets=None, sample_weight=None):
+    def __init__(
+        self,
+        forward,
+        loss_fn,
+        specs: list,
+        variables: list,
+        num_examples,
+        targets=None,
+        sample_weight=None,
+        curvature=None,
+    ):
         self.forward = forward
         self.loss_fn = loss_fn
         self.specs = list(specs)
@@ -38,6 +51,7 @@ class BatchQuadratic:
         self.num_examples = tf.cast(num_examples, tf.float32)
         self.targets = per_output(targets, len(self.specs))
         self.sample_weights = per_output(sample_weight, len(self.specs))
+        self.curvature = curvature
 
     def jvps(self, tangents: list) -> tuple[list, list]:
         """(outputs, [J·t for t in tangents]): one forward pass with a forward-mode accumulator per
@@ -51,7 +65,10 @@ class BatchQuadratic:
         return outputs, jvps
 
     def gram(self, tangents: list) -> tf.Tensor:
-        """The matrix [tᵢᵀ F tⱼ] (float32) for the given tangent lists."""
+        """The matrix [tᵢᵀ F tⱼ] (float32) for the given tangent lists (F the mean over the
+        examples of `curvature` when given)."""
+        if self.curvature is not None:
+            return self.curvature.gram(tangents)
         outputs, jvps = self.jvps(tangents)
         hj = [
             [

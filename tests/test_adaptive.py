@@ -69,9 +69,9 @@ def _two_steps(model, opt, x, y):
     shapes = [v.shape for v in model.trainable_weights]
     flat = lambda: np.concatenate([p.ravel() for p in _params(model)])  # noqa: E731
     theta0 = flat()
-    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False)  # examples in order
     theta1 = flat()
-    logs = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0).history
+    logs = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, shuffle=False).history
     return shapes, theta0, theta1, flat(), logs["learning_rate"][-1], logs["momentum"][-1]
 
 
@@ -202,16 +202,26 @@ def test_solve_step_is_the_two_by_two_solution():
     assert (alpha.numpy(), mu.numpy()) == (0.0, 0.0)
 
 
-def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
+@pytest.mark.parametrize("curvature_batch_size", [None, 6])
+def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_batch_size):
     """Second step: δ = αΔ + μδ₀ with Δ = −(A ⊗ G + λI)⁻¹∇ from the optimizer's factors and a float64
-    gradient, and (α, μ) the 2×2 solution for the dense float64 F + λI and ∇."""
+    gradient, and (α, μ) the 2×2 solution for the dense float64 F + λI and ∇.  With
+    `curvature_batch_size=6`, F is the Fisher of the batch's first 6 examples, ∇ still the whole
+    batch's gradient."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 4)).astype("float32")
     y = rng.integers(0, 3, size=8)
     model = _model("softmax")
     lam = 0.05
     opt = keras_kfac.KFAC(
-        learning_rate=None, momentum=None, damping=lam, stats_every=1, inverse_every=1, damping_mode="eigen", graft=None
+        learning_rate=None,
+        momentum=None,
+        damping=lam,
+        stats_every=1,
+        inverse_every=1,
+        damping_mode="eigen",
+        graft=None,
+        curvature_batch_size=curvature_batch_size,
     )
     shapes, theta0, theta1, theta2, alpha, mu = _two_steps(model, opt, x, y)
     assert alpha > 0 and mu != 0
@@ -228,10 +238,16 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model():
         kron += [u[:-1], u[-1]]
     direction = -np.concatenate([u.ravel() for u in kron])
     np.testing.assert_allclose(delta, alpha * direction + mu * prev, rtol=2e-3, atol=1e-6 * np.abs(delta).max())
-    c = _dense_fisher(theta1, shapes, x64, "softmax") + lam * np.eye(theta1.size)
-    system = np.array([[direction @ c @ direction, direction @ c @ prev], [prev @ c @ direction, prev @ c @ prev]])
-    solution = ref.step_coefficients(system, [grad @ direction, grad @ prev])
-    np.testing.assert_allclose(solution, [alpha, mu], rtol=2e-2, atol=1e-4)
+
+    def solution(examples):
+        c = _dense_fisher(theta1, shapes, examples, "softmax") + lam * np.eye(theta1.size)
+        system = np.array([[direction @ c @ direction, direction @ c @ prev], [prev @ c @ direction, prev @ c @ prev]])
+        return ref.step_coefficients(system, [grad @ direction, grad @ prev])
+
+    chosen = solution(x64 if curvature_batch_size is None else x64[:curvature_batch_size])
+    np.testing.assert_allclose(chosen, [alpha, mu], rtol=2e-2, atol=1e-4)
+    if curvature_batch_size is not None:  # and not what the whole batch's F gives
+        assert np.max(np.abs(solution(x64) - chosen) / np.abs(chosen)) > 0.1
 
 
 def test_lm_rule_closed_form():
