@@ -140,6 +140,10 @@ def configurations() -> dict:
         "kfac adaptive (adapt_every=5)": lambda: keras_kfac.KFAC(
             learning_rate=None, momentum=None, adapt_damping=True, damping=150.0, adapt_every=5
         ),
+        # The same every step, the F·v products on the batch's first 32 examples only.
+        "kfac adaptive (curvature_batch_size=32)": lambda: keras_kfac.KFAC(
+            learning_rate=None, momentum=None, adapt_damping=True, damping=150.0, curvature_batch_size=32
+        ),
     }
 
 
