@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import reference as ref
 import tensorflow as tf
+from exact import exact_kfac
 
 import keras_kfac
 from keras_kfac.blocks import DiagonalFisherBlock
@@ -29,20 +30,8 @@ def _model():
     return keras_kfac.Sequential([keras.Input((5,)), Affine(), keras.layers.Dense(3, activation="softmax")])
 
 
-def _optimizer(**kwargs):
-    settings = dict(
-        learning_rate=0.1,
-        momentum=0.0,
-        damping=1e-2,
-        stats_decay=0.0,
-        stats_every=1,
-        stats_batch_size=None,
-        inverse_every=1,
-        fisher="empirical",
-        graft=None,
-        diagonal_fisher=True,
-    )
-    return keras_kfac.KFAC(**(settings | kwargs))
+def _optimizer():
+    return exact_kfac(learning_rate=0.1, damping=1e-2, diagonal_fisher=True)
 
 
 def test_a_layer_without_a_block_gets_the_diagonal_fisher_and_its_step():

@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import reference as ref
 import tensorflow as tf
+from exact import exact_kfac
 
 import keras_kfac
 from keras_kfac.factors import DenseFactor, DiagonalFactor
@@ -115,18 +116,7 @@ def test_ekfac_step_of_a_conv_model():
     batches = [(rng.normal(size=(40, 6, 6, 2)).astype("float32"), rng.integers(0, 4, size=40)) for _ in range(2)]
     model = _conv_model()
     lr, damping = 0.1, 1e-3
-    opt = keras_kfac.KFAC(
-        learning_rate=lr,
-        momentum=0.0,
-        damping=damping,
-        damping_mode="ekfac",
-        stats_decay=0.0,
-        stats_every=1,
-        stats_batch_size=None,
-        inverse_every=2,
-        fisher="empirical",
-        graft=None,
-    )
+    opt = exact_kfac(learning_rate=lr, damping=damping, damping_mode="ekfac", inverse_every=2)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     model.train_on_batch(*batches[0])
     bases = []
