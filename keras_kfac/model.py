@@ -40,6 +40,12 @@ def _float32_grads(grads, targets, scale=None) -> list:
     return out
 
 
+def _first_examples(k: int, x, y, sample_weight) -> tuple:
+    """(x, y, sample_weight) of the batch's first k examples (None stays None)."""
+    first = lambda t: None if t is None else t[:k]  # noqa: E731
+    return tuple(None if t is None else keras.tree.map_structure(first, t) for t in (x, y, sample_weight))
+
+
 def _kfac_optimizer(optimizer):
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner if isinstance(inner, KFAC) else None
@@ -232,11 +238,8 @@ class KFACTrainStep:
         example keeps its weight in the whole batch's loss (`_kfac_coefficients`)."""
         opt = _kfac_optimizer(self.optimizer)
         k = opt.stats_batch_size
-        first = lambda t: None if t is None else t[:k]  # noqa: E731
         coefficients = [c[:k] for c in self._kfac_coefficients(y_pred, y, sample_weight)]
-        x_k = keras.tree.map_structure(first, x)
-        y_k = keras.tree.map_structure(first, y) if y is not None else None
-        w_k = keras.tree.map_structure(first, sample_weight) if sample_weight is not None else None
+        x_k, y_k, w_k = _first_examples(k, x, y, sample_weight)
         if self._kfac_subset_fn is None:
             if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
                 self._kfac_subset_fn = tf.function(self._kfac_statistics_pass, jit_compile=True, reduce_retracing=True)
@@ -281,9 +284,12 @@ class KFACTrainStep:
         statistics to that pass alone (`train_step` puts its values back afterwards)."""
         from keras_kfac.quadratic import BatchQuadratic
 
-        def forward():
-            self._kfac_restore(before)
-            return keras.tree.flatten(self._kfac_call(x))
+        def forward_of(inputs):
+            def forward():
+                self._kfac_restore(before)
+                return keras.tree.flatten(self._kfac_call(inputs))
+
+            return forward
 
         def loss_fn():
             self._kfac_restore(before)
@@ -292,17 +298,9 @@ class KFACTrainStep:
         curvature = None
         k = _kfac_optimizer(self.optimizer).curvature_batch_size
         if k is not None:
-            first = lambda t: None if t is None else t[:k]  # noqa: E731
-            x_k = keras.tree.map_structure(first, x)
-            y_k = keras.tree.map_structure(first, y) if y is not None else None
-            w_k = keras.tree.map_structure(first, sample_weight) if sample_weight is not None else None
-
-            def forward_k():
-                self._kfac_restore(before)
-                return keras.tree.flatten(self._kfac_call(x_k))
-
+            x_k, y_k, w_k = _first_examples(k, x, y, sample_weight)
             curvature = BatchQuadratic(
-                forward_k,
+                forward_of(x_k),
                 None,
                 self._kfac_output_losses(y_pred),
                 self.trainable_weights,
@@ -311,7 +309,7 @@ class KFACTrainStep:
                 sample_weight=w_k,
             )
         return BatchQuadratic(
-            forward,
+            forward_of(x),
             loss_fn,
             self._kfac_output_losses(y_pred),
             self.trainable_weights,

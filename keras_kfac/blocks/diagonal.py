@@ -37,7 +37,7 @@ class DiagonalFisherBlock(CurvatureBlock):
 
     def __init__(self, layer, options=None):
         super().__init__(layer, options)
-        self._variables = [v for v in layer.trainable_variables]
+        self._variables = list(layer.trainable_variables)
         self._call = None  # the layer's own call, set while recording
         self.fisher, self.fisher_at_inversion = [], []
 

@@ -135,29 +135,29 @@ class KroneckerBlock(CurvatureBlock):
         """[A, G] of the batch (see module doc).  With `stats_locations`, A averages over a
         random subset of the spatial locations (an unbiased estimate of the same mean)."""
         locations = self.options.stats_locations
-        rows_a = []
+        calls_a = []
         for call, x in enumerate(inputs):
             call_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, call)
-            rows_a.append(self.input_rows(tf.cast(x, tf.float32), locations, call_seed))
-        rows_a = tf.concat(rows_a, axis=0)
-        rows_g = tf.concat([self.output_rows(tf.cast(g, tf.float32)) for g in targets_grads], axis=0)
+            calls_a.append(self.input_rows(tf.cast(x, tf.float32), locations, call_seed))
+        calls_g = [self.output_rows(tf.cast(g, tf.float32)) for g in targets_grads]
+        rows_a = tf.concat(calls_a, axis=0)
         n_rows = tf.cast(tf.shape(rows_a)[0], tf.float32)
         factor_a = self.side_a.gram(rows_a, with_ones=self.bias is not None) / n_rows
-        factor_g = self.side_g.gram(rows_g) / tf.cast(num_examples, tf.float32)
-        if self.inversion.per_example_scaling and self._moments:
-            return [factor_a, factor_g, self.batch_scaling(inputs, targets_grads)]
-        return [factor_a, factor_g]
+        factor_g = self.side_g.gram(tf.concat(calls_g, axis=0)) / tf.cast(num_examples, tf.float32)
+        if not (self.inversion.per_example_scaling and self._moments):
+            return [factor_a, factor_g]
+        if locations is not None:  # S needs every location: the rows of A are a subset
+            calls_a = [self.input_rows(tf.cast(x, tf.float32)) for x in inputs]
+        return [factor_a, factor_g, self.batch_scaling(inputs, calls_a, calls_g)]
 
-    def batch_scaling(self, inputs, targets_grads) -> tf.Tensor:
-        """damping_mode="ekfac": the batch estimate of S in the current eigenbases, from every
-        example's rows at all its locations (`stats_locations` does not apply)."""
+    def batch_scaling(self, inputs, calls_a, calls_g) -> tf.Tensor:
+        """damping_mode="ekfac": the batch estimate of S in the current eigenbases from each
+        call's input and output rows at all locations (`inputs` give the examples per call)."""
         per_example = []
-        for x, g in zip(inputs, targets_grads):
+        for x, rows_a, rows_g in zip(inputs, calls_a, calls_g):
             examples = tf.shape(x)[0]
-            rows_a = self.input_rows(tf.cast(x, tf.float32))
             if self.bias is not None:
                 rows_a = tf.concat([rows_a, tf.ones_like(rows_a[:, :1])], axis=1)
-            rows_g = self.output_rows(tf.cast(g, tf.float32))
             per_example.append(
                 (tf.reshape(rows_a, (examples, -1, self.dim_a)), tf.reshape(rows_g, (examples, -1, self.dim_g)))
             )
