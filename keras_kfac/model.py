@@ -362,7 +362,9 @@ class KFACTrainStep:
         if opt.uses_quadratic:
             after = self._kfac_values()
             batch = self._kfac_quadratic(x, y, sample_weight, y_pred, num_examples, snapshot)
-        applied = opt.kfac_step(grads, self.trainable_weights, loss, statistics_fn, batch=batch)
+        applied = opt.kfac_step(
+            grads, self.trainable_weights, loss, statistics_fn, batch=batch, num_examples=num_examples
+        )
         if opt.uses_quadratic:
             self._kfac_restore(after)
         opt.update_loss_scale(applied)

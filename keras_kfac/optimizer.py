@@ -44,6 +44,10 @@ GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
 MOMENTUM_FORMS = ("average", "heavy_ball")
 DEFAULT_DAMPING = 1e-4  # λ of a fixed damping given as None (the seed-task study, BENCHMARKS.md)
+# learning_rate="auto": BASE_LEARNING_RATE at REFERENCE_BATCH examples a step, times
+# √(batch / REFERENCE_BATCH) above it (the seed-task study at batches 128 and 1024, BENCHMARKS.md).
+BASE_LEARNING_RATE = 1e-3
+REFERENCE_BATCH = 128
 
 
 def _has_accelerator() -> bool:
@@ -76,8 +80,11 @@ class KFAC(keras.optimizers.Optimizer):
     their `train_step` records the layer inputs and pre-activation gradients K-FAC needs.
 
     Args:
-        learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.  None:
-            α is chosen each step by minimizing the quadratic model (see `keras_kfac.quadratic`).
+        learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.  "auto"
+            (the default): 1e-3 · √(max(B, 128) / 128), B the global batch of the first step
+            (examples per replica × replicas × gradient_accumulation_steps), set once at that
+            step (1e-3 until then and at batches up to 128; 2.83e-3 at 1024).  None: α is
+            chosen each step by minimizing the quadratic model (see `keras_kfac.quadratic`).
         momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
             is chosen each step with α from the 2×2 system of the quadratic model over
             δ = −αU + μδ₀ (heavy-ball), kept in [0, 0.99].
@@ -156,7 +163,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     def __init__(
         self,
-        learning_rate=1e-3,
+        learning_rate="auto",
         momentum=0.9,
         damping=None,
         stats_decay=0.95,
@@ -190,6 +197,14 @@ class KFAC(keras.optimizers.Optimizer):
         **kwargs,
     ):
         auto_learning_rate, auto_momentum = learning_rate is None, momentum is None
+        learning_rate_from_batch = isinstance(learning_rate, str)
+        if learning_rate_from_batch:
+            if learning_rate != "auto":
+                raise ValueError(
+                    "`learning_rate` must be a number, a LearningRateSchedule, None or 'auto'; "
+                    f"received learning_rate={learning_rate!r}."
+                )
+            learning_rate = BASE_LEARNING_RATE  # until the first step sets it from the batch
         if auto_learning_rate:
             learning_rate = 1.0  # a variable that holds the chosen α
         if auto_momentum:
@@ -260,6 +275,7 @@ class KFAC(keras.optimizers.Optimizer):
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
         self.momentum = float(momentum)
         self.auto_learning_rate = auto_learning_rate
+        self.learning_rate_from_batch = learning_rate_from_batch
         self.auto_momentum = auto_momentum
         self.stats_decay = float(stats_decay)
         self.stats_every = stats_every
@@ -543,14 +559,15 @@ class KFAC(keras.optimizers.Optimizer):
         return distributed.replica_seed(seed)
 
     # ---------------------------------------------------------------------- the step
-    def kfac_step(self, grads, variables, loss, statistics_fn, batch=None):
+    def kfac_step(self, grads, variables, loss, statistics_fn, batch=None, num_examples=None):
         """One K-FAC step, called from `keras_kfac.Model.train_step`; returns whether it applied.
 
         `statistics_fn()` returns (inputs, target_grads, num_examples): per block, the recorded
         layer inputs and the matching per-example output gradients, and the number of examples
         they come from (it runs only on statistics steps).  A step whose loss, gradients or
         statistics are not finite changes nothing but the `skipped_steps` counter.  `batch`
-        (a `quadratic.BatchQuadratic`) is needed when `uses_quadratic`.
+        (a `quadratic.BatchQuadratic`) is needed when `uses_quadratic`; `num_examples`, this
+        replica's batch size, with learning_rate="auto".
         """
         reducer = distributed.reducer(self.distribute_inverses)
         if reducer.replicated and self.uses_quadratic:
@@ -571,6 +588,14 @@ class KFAC(keras.optimizers.Optimizer):
         def inverses():
             return self._inverse_phase(reducer)
 
+        if self.learning_rate_from_batch:
+            if num_examples is None:
+                raise ValueError('KFAC(learning_rate="auto") needs the batch size of the first step.')
+            tf.cond(
+                tf.equal(self.iterations, 0),
+                lambda: self._batch_learning_rate_phase(num_examples),
+                lambda: tf.constant(False),
+            )
         if self.damping_from_factors:
             first = tf.logical_and(ok, tf.equal(self.iterations, 0))
             tf.cond(first, self._initial_damping_phase, lambda: tf.constant(False))
@@ -649,6 +674,14 @@ class KFAC(keras.optimizers.Optimizer):
             return tf.constant(True)
 
         return tf.cond(ok, assign, lambda: tf.constant(False))
+
+    def _batch_learning_rate_phase(self, num_examples) -> tf.Tensor:
+        """learning_rate="auto": lr = 1e-3 · √(max(B, 128) / 128) for the global batch B."""
+        accumulation = self.gradient_accumulation_steps or 1
+        batch = tf.cast(num_examples, tf.float64) * float(distributed.num_replicas() * accumulation)
+        scale = tf.sqrt(tf.maximum(batch, float(REFERENCE_BATCH)) / float(REFERENCE_BATCH))
+        self._learning_rate.assign(tf.cast(BASE_LEARNING_RATE * scale, self._learning_rate.dtype))
+        return tf.constant(True)
 
     def _initial_damping_phase(self) -> tf.Tensor:
         """damping=None with adapt_damping: λ₀ = the largest block curvature bound of the first
@@ -996,6 +1029,8 @@ class KFAC(keras.optimizers.Optimizer):
         )
         if self.auto_learning_rate:
             config["learning_rate"] = None
+        elif self.learning_rate_from_batch and int(self.iterations.numpy()) == 0:
+            config["learning_rate"] = "auto"  # still to be set from the first batch
         if self.auto_momentum:
             config["momentum"] = None
         return config

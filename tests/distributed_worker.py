@@ -157,7 +157,21 @@ def mirrored(path):
     results.update(replica_copies(strategy, model, "nan_replicas_"))
     results.update(inverse_owners(strategy, True))
     results.update(inverse_owners(strategy, False))
+    results["auto_learning_rate"] = auto_learning_rate(strategy)
     np.savez(path, **results)
+
+
+def auto_learning_rate(strategy, global_batch=512) -> np.ndarray:
+    """The learning rate `KFAC()` ("auto") sets at its first step under `strategy`, where each
+    replica sees global_batch / replicas examples."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(global_batch, 5)).astype("float32")
+    y = rng.integers(0, 3, size=global_batch)
+    with strategy.scope():
+        model = keras_kfac.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0)
+    return np.array(float(model.optimizer.learning_rate))
 
 
 def worker(path):

@@ -131,6 +131,11 @@ def test_mirrored_two_devices_equal_one_device(mirrored, config):
     _assert_replicas_identical(mirrored, f"{config}_replicas_")
 
 
+def test_auto_learning_rate_reads_the_global_batch(mirrored):
+    # 512 examples a step over two replicas (256 each): 1e-3 · √(512 / 128), not √(256 / 128).
+    np.testing.assert_allclose(mirrored["auto_learning_rate"], 1e-3 * np.sqrt(512 / 128), rtol=1e-6)
+
+
 def test_checkpoints_move_between_a_strategy_and_one_device(mirrored):
     expected = _single_device(epochs=2)  # one epoch, save, load elsewhere, one more epoch
     _assert_close(expected, mirrored, "to_single_")
