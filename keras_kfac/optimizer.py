@@ -591,11 +591,7 @@ class KFAC(keras.optimizers.Optimizer):
         if self.learning_rate_from_batch:
             if num_examples is None:
                 raise ValueError('KFAC(learning_rate="auto") needs the batch size of the first step.')
-            tf.cond(
-                tf.equal(self.iterations, 0),
-                lambda: self._batch_learning_rate_phase(num_examples),
-                lambda: tf.constant(False),
-            )
+            self._batch_learning_rate_phase(num_examples)
         if self.damping_from_factors:
             first = tf.logical_and(ok, tf.equal(self.iterations, 0))
             tf.cond(first, self._initial_damping_phase, lambda: tf.constant(False))
@@ -676,12 +672,16 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.cond(ok, assign, lambda: tf.constant(False))
 
     def _batch_learning_rate_phase(self, num_examples) -> tf.Tensor:
-        """learning_rate="auto": lr = 1e-3 · √(max(B, 128) / 128) for the global batch B."""
+        """learning_rate="auto": at the first step, lr = 1e-3 · √(max(B, 128) / 128) for the
+        global batch B.  An unconditional assign (of the same value after the first step): under
+        a strategy, the learning-rate variable's cross-replica assign may not sit in a tf.cond."""
         accumulation = self.gradient_accumulation_steps or 1
         batch = tf.cast(num_examples, tf.float64) * float(distributed.num_replicas() * accumulation)
         scale = tf.sqrt(tf.maximum(batch, float(REFERENCE_BATCH)) / float(REFERENCE_BATCH))
-        self._learning_rate.assign(tf.cast(BASE_LEARNING_RATE * scale, self._learning_rate.dtype))
-        return tf.constant(True)
+        chosen = tf.cast(BASE_LEARNING_RATE * scale, self._learning_rate.dtype)
+        first = tf.equal(self.iterations, 0)
+        self._learning_rate.assign(tf.where(first, chosen, self._learning_rate))
+        return first
 
     def _initial_damping_phase(self) -> tf.Tensor:
         """damping=None with adapt_damping: λ₀ = the largest block curvature bound of the first

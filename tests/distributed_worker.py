@@ -171,7 +171,8 @@ def auto_learning_rate(strategy, global_batch=512) -> np.ndarray:
         model = keras_kfac.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
         model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0)
-    return np.array(float(model.optimizer.learning_rate))
+    variable = model.optimizer._learning_rate  # every replica's copy
+    return np.array([t.numpy() for t in strategy.experimental_local_results(variable.value)])
 
 
 def worker(path):
