@@ -473,6 +473,17 @@ class KFAC(keras.optimizers.Optimizer):
         return fallback
 
     @property
+    def learning_rate(self):
+        return self._get_current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        """Setting the rate (a user, `keras.callbacks.LearningRateScheduler`) ends "auto": the
+        first step must not overwrite it."""
+        self.learning_rate_from_batch = False
+        keras.optimizers.Optimizer.learning_rate.fset(self, value)
+
+    @property
     def fallback_optimizer(self):
         """The optimizer that updates the variables without a block (None when all have one)."""
         return self._fallback_optimizer

@@ -95,3 +95,13 @@ def test_config_says_auto_until_the_first_step_then_the_rate_set():
 def test_an_unknown_string_is_refused():
     with pytest.raises(ValueError, match="learning_rate"):
         keras_kfac.KFAC(learning_rate="sqrt")
+
+
+def test_a_rate_set_before_the_first_step_wins_over_auto():
+    # LearningRateScheduler sets the rate at the start of each epoch, before the first step.
+    optimizer = keras_kfac.KFAC()
+    scheduler = keras.callbacks.LearningRateScheduler(lambda epoch: 0.02 / (epoch + 1))
+    fit(build(optimizer), 512, callbacks=[scheduler])
+    assert float(optimizer.learning_rate) == pytest.approx(0.02)
+    assert not optimizer.learning_rate_from_batch
+    assert optimizer.get_config()["learning_rate"] == pytest.approx(0.02)
