@@ -81,12 +81,14 @@ def state(model, prefix="") -> dict:
     return out
 
 
+def local_copies(strategy, variable) -> np.ndarray:
+    """Every replica's copy of `variable`, stacked on axis 0."""
+    return np.stack([t.numpy() for t in strategy.experimental_local_results(variable.value)])
+
+
 def replica_copies(strategy, model, prefix) -> dict:
     """Every replica's copy of every weight and optimizer variable, stacked on axis 0."""
-    out = {}
-    for i, v in enumerate(model.weights + model.optimizer.variables):
-        out[f"{prefix}{i}"] = np.stack([t.numpy() for t in strategy.experimental_local_results(v.value)])
-    return out
+    return {f"{prefix}{i}": local_copies(strategy, v) for i, v in enumerate(model.weights + model.optimizer.variables)}
 
 
 def inverse_owners(strategy, distribute_inverses) -> dict:
@@ -171,8 +173,7 @@ def auto_learning_rate(strategy, global_batch=512) -> np.ndarray:
         model = keras_kfac.Sequential([keras.Input((5,)), keras.layers.Dense(3, activation="softmax")])
         model.compile(optimizer=keras_kfac.KFAC(), loss="sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=global_batch, epochs=1, shuffle=False, verbose=0)
-    variable = model.optimizer._learning_rate  # every replica's copy
-    return np.array([t.numpy() for t in strategy.experimental_local_results(variable.value)])
+    return local_copies(strategy, model.optimizer._learning_rate)
 
 
 def worker(path):
