@@ -142,6 +142,42 @@ def test_table_targets_the_best_first_order_final_accuracy(modules):
     assert "| x adamw |" in text
 
 
+def test_second_table_for_the_rows_with_more_seeds(modules, tmp_path):
+    """Rows run on different seeds: the first table keeps the seeds every row has, the second the
+    rows that have the most seeds, with its own best first-order row as the target."""
+    compare, vit = modules
+    runs = {
+        "kfac_expand": [_run("kfac_expand", s, [0.7, 0.85, 0.9], 12.0) for s in (0, 1, 2)],
+        "adamw": [_run("adamw", 0, [0.6, 0.8, 0.95], 10.0)],  # best on seed 0 alone
+        "muon": [_run("muon", s, [0.5, 0.7, 0.8 + 0.01 * s], 10.0) for s in (0, 1, 2)],
+    }
+    seeds, rows = compare.rows_on_most_seeds(runs)
+    assert seeds == [0, 1, 2] and sorted(rows) == ["kfac_expand", "muon"]
+    bench = compare.Benchmark(
+        name="vit",
+        title="ViT",
+        build=None,
+        kinds=vit.KINDS,
+        first_order=vit.FIRST_ORDER,
+        table={},
+        colors={kind: "tab:blue" for kind in vit.KINDS},
+        reference="adamw",
+    )
+    record = compare.report(bench, 128, runs, str(tmp_path))
+    assert record["table"]["_best_first_order"] == "adamw" and record["table"]["adamw"]["seeds"] == [0]
+    assert record["table"]["_target_accuracy"] == pytest.approx(0.95)
+    second = record["table_most_seeds"]
+    assert second["_best_first_order"] == "muon" and second["_target_accuracy"] == pytest.approx(0.81)
+    assert second["kfac_expand"]["steps_to_target"] == 4 and second["kfac_expand"]["seeds"] == [0, 1, 2]
+    assert "adamw" not in second and second["muon"]["step_ratio"] is None  # no adamw row to compare with
+    text = record["table_markdown"]
+    assert "(1 seed(s): 0;" in text and "only the rows run on every one of these seeds (3 seed(s): 0, 1, 2;" in text
+    assert "muon's final acc. (0.8100)" in text and "| muon | lr 0.001, cosine | — (2 reach it) |" in text
+    # With every row on the same seeds there is one table.
+    same = compare.report(bench, 128, {k: v for k, v in runs.items() if k != "adamw"}, str(tmp_path))
+    assert same["table_most_seeds"] is None and same["table_markdown"].count("###") == 1
+
+
 def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
     """A tiny benchmark: --sweep-only saves the sweep and trains nothing; --resume trains the rows
     with the kept candidate, and a second --resume trains nothing again."""
