@@ -543,10 +543,15 @@ def complete_seeds(runs: dict) -> list:
     return sorted(set.intersection(*done)) if done else []
 
 
+def on_seeds(runs: dict, seeds, kinds) -> dict:
+    """The runs of `kinds` on `seeds`, per kind."""
+    return {kind: [r for r in runs[kind] if r["seed"] in seeds] for kind in kinds}
+
+
 def finished(runs: dict) -> tuple[list, dict]:
     """(seeds every kind with runs has finished, those runs per kind)."""
     seeds = complete_seeds(runs)
-    return seeds, {kind: [r for r in done if r["seed"] in seeds] for kind, done in runs.items() if done}
+    return seeds, on_seeds(runs, seeds, [kind for kind, done in runs.items() if done])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -567,16 +572,17 @@ class Benchmark:
 def rows_on_most_seeds(runs: dict) -> tuple[list, dict]:
     """(the largest set of seeds some kind has finished, the runs on it of the kinds that
     finished every one of those seeds): the table to read when rows were run on different seeds."""
-    done = [{r["seed"] for r in results} for results in runs.values() if results]
+    done = {kind: {r["seed"] for r in results} for kind, results in runs.items() if results}
     if not done:
         return [], {}
-    widest = max(done, key=lambda seeds: (len(seeds), sorted(seeds)))
-    rows = {
-        kind: [r for r in results if r["seed"] in widest]
-        for kind, results in runs.items()
-        if results and widest <= {r["seed"] for r in results}
-    }
-    return sorted(widest), rows
+    widest = max(done.values(), key=lambda seeds: (len(seeds), sorted(seeds)))
+    return sorted(widest), on_seeds(runs, widest, [kind for kind, seeds in done.items() if widest <= seeds])
+
+
+def table_text(title: str, table: dict, seeds: list, runs: dict, kinds) -> str:
+    """`markdown(...)` of the table, with the note on sources when its rows come from several."""
+    note = sources_note(runs)
+    return markdown(title, table, seeds, kinds) + (f"\n\n{note}" if note else "")
 
 
 def report(bench: Benchmark, batch_size: int, runs: dict, out: str) -> dict:
@@ -585,19 +591,14 @@ def report(bench: Benchmark, batch_size: int, runs: dict, out: str) -> dict:
     that have the most (the target is then the best first-order row among those)."""
     seeds, complete = finished(runs)
     table = summarize(complete, bench.first_order, bench.reference)
-    text = markdown(f"{bench.title}, Fashion-MNIST, batch {batch_size}", table, seeds, bench.kinds)
-    note = sources_note(complete)
-    if note:
-        text += "\n\n" + note
+    title = f"{bench.title}, Fashion-MNIST, batch {batch_size}"
+    text = table_text(title, table, seeds, complete, bench.kinds)
     more_seeds, rows = rows_on_most_seeds(runs)
     table_most_seeds = None
     if len(more_seeds) > len(seeds):
         table_most_seeds = summarize(rows, bench.first_order, bench.reference)
-        title = f"{bench.title}, Fashion-MNIST, batch {batch_size}, only the rows run on every one of these seeds"
-        text += "\n\n" + markdown(title, table_most_seeds, more_seeds, bench.kinds)
-        note = sources_note(rows)
-        if note:
-            text += "\n\n" + note
+        title += ", only the rows run on every one of these seeds"
+        text += "\n\n" + table_text(title, table_most_seeds, more_seeds, rows, bench.kinds)
     print(text, flush=True)
     plots = plot(
         batch_size,
