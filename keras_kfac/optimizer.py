@@ -824,17 +824,36 @@ class KFAC(keras.optimizers.Optimizer):
                 for v, b in zip(other_vars, before):
                     v.assign(b)
                 self._state.step["fallback_step"] = {self._var_key(v): s for v, s in fallback_step}
-        saved_factor = self.loss_scale_factor
+        saved_factor, use_ema = self.loss_scale_factor, self.use_ema
         self.loss_scale_factor = None  # already undone above
+        self.use_ema = False  # Keras would average before the fallback step is back: done below
         try:
             if block_pairs:
                 super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
             else:
                 self._iterations.assign_add(1)
         finally:
-            self.loss_scale_factor = saved_factor
+            self.loss_scale_factor, self.use_ema = saved_factor, use_ema
         for v, s in fallback_step:
             v.assign_add(s)
+        if self.use_ema:
+            self._weight_average_phase()
+
+    def _weight_average_phase(self) -> None:
+        """Keras' `use_ema`, once the whole step (blocks and fallback) has moved the weights:
+        x ← β x + (1 − β) w for every trainable w (β = `ema_momentum`; x = w after the first step),
+        and w ← x every `ema_overwrite_frequency` steps."""
+        after_first = tf.not_equal(self.iterations, 1)  # the counter already includes this step
+        for variable, average in zip(self._trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                momentum = tf.cast(after_first, variable.dtype) * tf.cast(self.ema_momentum, variable.dtype)
+                self.assign(average, momentum * average + (1.0 - momentum) * variable)
+        if self.ema_overwrite_frequency:
+            tf.cond(
+                tf.equal(self.iterations % self.ema_overwrite_frequency, 0),
+                lambda: self._overwrite_model_variables_with_average_value(self._trainable_variables),
+                lambda: None,
+            )
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         values = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]

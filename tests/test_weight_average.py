@@ -1,0 +1,68 @@
+"""Keras' `use_ema` with KFAC: the average covers the step actually taken, blocks and fallback.
+
+The reference is the average recomputed in float64 from the weights seen after every step:
+x₁ = w₁, x_t = β x_{t−1} + (1 − β) w_t; at the end of `fit` Keras replaces the weights by x.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import keras_kfac
+
+MOMENTUM = 0.9
+
+
+def _model():
+    # PReLU has no curvature block: its alpha is trained by the fallback optimizer.
+    return keras_kfac.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(8),
+            keras.layers.PReLU(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+class _WeightsAfterEachStep(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen.append([v.numpy().astype("float64") for v in self.model.trainable_variables])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"learning_rate": 1e-2},
+        # The quadratic model undoes the fallback's step while it chooses α, μ and puts it back
+        # after: the average must include it.
+        {"learning_rate": None, "momentum": None, "adapt_damping": True},
+        # Nothing under a block: the fallback takes the whole step.
+        {"learning_rate": 1e-2, "exclude": lambda layer: True},
+    ],
+    ids=["fixed_step", "quadratic_model", "fallback_only"],
+)
+def test_average_of_the_weights_each_step_left(options):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    model = _model()
+    optimizer = keras_kfac.KFAC(use_ema=True, ema_momentum=MOMENTUM, stats_every=1, inverse_every=2, **options)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    record = _WeightsAfterEachStep()
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+
+    assert len(record.seen) == 12
+    average = record.seen[0]
+    for weights in record.seen[1:]:
+        average = [MOMENTUM * a + (1.0 - MOMENTUM) * w for a, w in zip(average, weights)]
+    final = [v.numpy() for v in model.trainable_variables]
+    raw = record.seen[-1]
+    for name, a, f, r in zip([v.path for v in model.trainable_variables], average, final, raw):
+        assert np.abs(a - r).max() > 1e-3, name  # the average differs from the last weights...
+        np.testing.assert_allclose(f, a, rtol=1e-5, atol=1e-6, err_msg=name)  # ...and fit ends on it
