@@ -1,0 +1,128 @@
+"""Does averaging K-FAC's iterates reach the bar sooner?  A one-seed probe on the seed task.
+
+    python benchmarks/weight_averaging.py --config "KFAC()" [--seed 0] [--batch-size 128]
+                                          [--data-dir DIR] [--out benchmarks/results/study/averaging]
+
+Trains the AlexNet-style CNN with the optimizer of `--config` (a `KFAC(...)` expression) from the
+same initial weights and batches as `compare_optimizers.py`, and keeps, beside the weights w_t
+themselves, these running averages of them (t counts steps from 1, every average starts at w_1):
+
+    "ema<β>":  x ← x + (1 − β)(w_t − x)          (Keras' `use_ema` with `ema_momentum=β`)
+    "poly<η>": x ← x + (η + 1)/(t + η) · (w_t − x)   (polynomial-decay averaging, Shamir & Zhang
+               2013: weights ∝ roughly s^η over the steps s ≤ t, so the window grows with t)
+
+Every `--eval-every` steps it measures test accuracy (all 10,000 images) of w_t ("raw") and of each
+average, swapped in for the evaluation.  The evaluations make the step times meaningless, so none
+are kept.  Output: one JSON per run, `<out>/b<batch>_s<seed>_<digest of the config>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import compare_optimizers as compare  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from kfac_study import optimizer_from  # noqa: E402
+
+from keras_kfac.datasets import load_arrays  # noqa: E402
+
+AVERAGES = {
+    "ema0.99": ("ema", 0.99),
+    "ema0.995": ("ema", 0.995),
+    "ema0.998": ("ema", 0.998),
+    "poly3": ("poly", 3),
+    "poly8": ("poly", 8),
+}
+
+
+def averaging_weight(kind: str, constant: float, step: int) -> float:
+    """The weight of w_t in the update x ← x + r (w_t − x) at step t ≥ 1."""
+    return 1.0 - constant if kind == "ema" else (constant + 1.0) / (step + constant)
+
+
+class AveragedEvaluation(keras.callbacks.Callback):
+    """Keeps the running averages of `AVERAGES` and evaluates them beside the raw weights."""
+
+    def __init__(self, eval_every: int, last_step: int, images, labels):
+        super().__init__()
+        self.eval_every, self.last_step = eval_every, last_step
+        self.images, self.labels = images, labels
+        self.evals, self.step = [], 0
+
+    def on_train_begin(self, logs=None):
+        model = self.model
+        self.weights = model.trainable_variables
+        self.averages = {name: [tf.Variable(w.value) for w in self.weights] for name in AVERAGES}
+        self.predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
+
+    def accuracy(self) -> float:
+        correct = sum(
+            int(np.sum(self.predict(self.images[i : i + 1000]).numpy() == self.labels[i : i + 1000]))
+            for i in range(0, len(self.labels), 1000)
+        )
+        return correct / len(self.labels)
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        for name, (kind, constant) in AVERAGES.items():
+            rate = averaging_weight(kind, constant, self.step)
+            for average, weight in zip(self.averages[name], self.weights):
+                average.assign_add(rate * (weight.value - average))
+        if self.step % self.eval_every and self.step != self.last_step:
+            return
+        raw = [w.numpy() for w in self.weights]
+        record = {"step": self.step, "raw": self.accuracy()}
+        for name in AVERAGES:
+            for average, weight in zip(self.averages[name], self.weights):
+                weight.assign(average)
+            record[name] = self.accuracy()
+        for weight, value in zip(self.weights, raw):
+            weight.assign(value)
+        self.evals.append(record)
+        print(json.dumps(record), flush=True)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="KFAC()")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default="benchmarks/results/study/averaging")
+    args = parser.parse_args(argv)
+    (x, y), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
+    weights = compare.initial_weights(args.seed)
+    keras.utils.set_random_seed(args.seed)
+    model = compare.alexnet()
+    model.set_weights(weights)
+    model.compile(optimizer=optimizer_from(args.config), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    last_step = args.epochs * (len(y) // args.batch_size)
+    recorder = AveragedEvaluation(args.eval_every, last_step, tf.constant(x_test.astype("float32") / 255.0), y_test)
+    model.fit(compare.batches(x, y, args.batch_size, args.seed), epochs=args.epochs, verbose=0, callbacks=[recorder])
+    run = {
+        "config": args.config,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "evals": recorder.evals,
+        "source_digest": compare.source_digest(),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    key = hashlib.sha1(args.config.encode()).hexdigest()[:10]
+    with open(os.path.join(args.out, f"b{args.batch_size}_s{args.seed}_{key}.json"), "w") as f:
+        json.dump(run, f)
+    return run
+
+
+if __name__ == "__main__":
+    main()
