@@ -30,7 +30,8 @@ SGD with momentum 0.9.  For each batch size:
 
 It writes `<out>/compare_b<batch>.json` after every run (`--resume` keeps the sweep and the
 finished runs when the run settings are unchanged; with other keras_kfac sources the K-FAC rows
-are trained again, the first-order rows kept, and the table names the sources of each row;
+named in `--kinds` are trained again, every other row is kept, and the table names the sources of
+each row;
 `--rerun-kinds a,b` trains those rows again), three PNG plots per batch size (train loss vs
 steps, test accuracy vs steps and vs seconds; mean and min-max band over seeds) and prints a
 table: steps and seconds to the **best first-order optimizer's** final test accuracy (mean over
@@ -654,10 +655,11 @@ def add_arguments(parser: argparse.ArgumentParser, bench: Benchmark, epochs: int
     parser.add_argument("--from-json", action="store_true", help="only re-print the table and plots saved in --out")
 
 
-def resumed(path: str, settings: dict, rerun: list) -> tuple[dict, dict, dict]:
+def resumed(path: str, settings: dict, rerun: list, kinds: list) -> tuple[dict, dict, dict]:
     """(sweep, runs, sweep scores) saved at `path` with the same `settings`; runs of `rerun` kinds
-    dropped, and those of K-FAC rows too when the keras_kfac sources changed (first-order rows
-    are kept)."""
+    dropped, and those of the K-FAC rows among `kinds` (the rows to train) too when the keras_kfac
+    sources changed. Rows not to be trained keep their runs (and the digest of their sources,
+    which the report names); first-order rows are always kept."""
     if not os.path.exists(path):
         return {}, {}, {}
     with open(path) as f:
@@ -668,7 +670,7 @@ def resumed(path: str, settings: dict, rerun: list) -> tuple[dict, dict, dict]:
     for kind, done in saved["runs"].items():
         for run in done:
             run.setdefault("source_digest", saved.get("source_digest"))
-        stale = kind.startswith("kfac") and any(r["source_digest"] != source_digest() for r in done)
+        stale = kind.startswith("kfac") and kind in kinds and any(r["source_digest"] != source_digest() for r in done)
         if stale:
             print(f"  {kind}: saved runs are from other keras_kfac sources; training them again", flush=True)
         runs[kind] = [] if kind in rerun or stale else done
@@ -707,7 +709,7 @@ def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
         f"# {bench.name} {' '.join(sys.argv[1:])}, batch {batch_size} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True
     )
     rerun = [k for k in args.rerun_kinds.split(",") if k]
-    chosen, saved_runs, scores = resumed(path, settings, rerun) if args.resume else ({}, {}, {})
+    chosen, saved_runs, scores = resumed(path, settings, rerun, kinds) if args.resume else ({}, {}, {})
     missing = {kind: bench.table[kind] for kind in kinds if kind not in chosen}
     runs = {kind: [] for kind in bench.kinds} | saved_runs
 

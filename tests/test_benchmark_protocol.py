@@ -237,3 +237,12 @@ def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
     assert record["table"]["_best_first_order"] == "adam"
     again = compare.run_benchmark(bench, parser.parse_args(common + ["--resume"]), 50)
     assert again["runs"]["adam"][0]["losses"] == record["runs"]["adam"][0]["losses"]
+    # Other keras_kfac sources: a K-FAC row is trained again only when --kinds names it.
+    old_digest = record["runs"]["kfac"][0]["source_digest"]
+    monkeypatch.setattr(compare, "source_digest", lambda: "other sources")
+    kept = compare.run_benchmark(bench, parser.parse_args(common + ["--resume", "--kinds", "adam"]), 50)
+    assert kept["runs"]["kfac"][0]["source_digest"] == old_digest
+    assert kept["runs"]["kfac"][0]["losses"] == record["runs"]["kfac"][0]["losses"]
+    retrained = compare.run_benchmark(bench, parser.parse_args(common + ["--resume", "--kinds", "kfac"]), 50)
+    assert [r["source_digest"] for r in retrained["runs"]["kfac"]] == ["other sources"]
+    assert retrained["runs"]["adam"][0]["losses"] == record["runs"]["adam"][0]["losses"]
