@@ -185,6 +185,26 @@ def evaluation_point(model):
             variable.assign(value)
 
 
+def class_predictor(model) -> tf.types.experimental.GenericFunction:
+    """A compiled images -> predicted class function of `model` (inference mode)."""
+    return tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
+
+
+def accuracy(predict, images, labels, batch: int = EVAL_BATCH) -> float:
+    """Share of `labels` that `predict` (from `class_predictor`) gets right, `batch` images at a time."""
+    correct = sum(
+        int(np.sum(predict(images[i : i + batch]).numpy() == labels[i : i + batch]))
+        for i in range(0, len(labels), batch)
+    )
+    return correct / len(labels)
+
+
+def batch_loss(batch: int, epoch_mean: float, previous_mean: float) -> float:
+    """The loss of batch `batch` (0-based) of an epoch, from Keras' running means over the epoch
+    after it (`epoch_mean`) and before it (`previous_mean`)."""
+    return (batch + 1) * epoch_mean - batch * previous_mean
+
+
 class Recorder(keras.callbacks.Callback):
     """Per-step train loss (recovered from Keras' running mean), step time, periodic evaluation."""
 
@@ -206,8 +226,7 @@ class Recorder(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         mean = float(logs["loss"])  # forces the step to finish
         self.step_seconds.append(time.perf_counter() - self._start)
-        k = batch + 1
-        self.losses.append(k * mean - (k - 1) * self._running)
+        self.losses.append(batch_loss(batch, mean, self._running))
         self._running = mean
         step = len(self.losses)
         if self.eval_data is not None and step % self.eval_every == 0:
@@ -219,18 +238,10 @@ class Recorder(keras.callbacks.Callback):
         # A plain inference function over fixed tensors: cheaper than `model.evaluate`, which
         # also builds a data pipeline per call and resets the metrics `fit` is accumulating.
         if self._predict is None:
-            model = self.model
-            self._predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
-        images, labels = self.eval_data
+            self._predict = class_predictor(self.model)
         with evaluation_point(self.model):
-            correct = sum(
-                int(np.sum(self._predict(images[i : i + EVAL_BATCH]).numpy() == labels[i : i + EVAL_BATCH]))
-                for i in range(0, len(labels), EVAL_BATCH)
-            )
-        accuracy = correct / len(labels)
-        self.evals.append(
-            {"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": float(accuracy)}
-        )
+            share = accuracy(self._predict, *self.eval_data)
+        self.evals.append({"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": share})
 
 
 def train(

@@ -49,8 +49,7 @@ class StepTrace(keras.callbacks.Callback):
         self._running = 0.0
 
     def on_train_begin(self, logs=None):
-        model = self.model
-        self.predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
+        self.predict = compare.class_predictor(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         self._running = 0.0
@@ -59,8 +58,8 @@ class StepTrace(keras.callbacks.Callback):
         self._before = [w.numpy() for w in self.model.trainable_variables]
 
     def on_train_batch_end(self, batch, logs=None):
-        mean = float(logs["loss"])  # Keras' running mean over the epoch: recover this batch's loss
-        self.steps["loss"].append((batch + 1) * mean - batch * self._running)
+        mean = float(logs["loss"])  # Keras' running mean over the epoch
+        self.steps["loss"].append(compare.batch_loss(batch, mean, self._running))
         self._running = mean
         after = [w.numpy() for w in self.model.trainable_variables]
         length = np.sqrt(sum(float(np.sum((a - b).astype(np.float64) ** 2)) for a, b in zip(after, self._before)))
@@ -69,11 +68,8 @@ class StepTrace(keras.callbacks.Callback):
             self.steps[name].append(float(logs[name]) if name in logs else None)
         step = len(self.steps["loss"])
         if step % self.eval_every == 0 or step == self.last_step:
-            correct = sum(
-                int(np.sum(self.predict(self.images[i : i + 1000]).numpy() == self.labels[i : i + 1000]))
-                for i in range(0, len(self.labels), 1000)
-            )
-            self.evals.append({"step": step, "accuracy": correct / len(self.labels)})
+            share = compare.accuracy(self.predict, self.images, self.labels, batch=1000)
+            self.evals.append({"step": step, "accuracy": share})
 
 
 def window_rows(run: dict) -> list[str]:

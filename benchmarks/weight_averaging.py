@@ -28,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import compare_optimizers as compare  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from kfac_study import optimizer_from  # noqa: E402
 
@@ -61,14 +60,10 @@ class AveragedEvaluation(keras.callbacks.Callback):
         model = self.model
         self.weights = model.trainable_variables
         self.averages = {name: [tf.Variable(w.value) for w in self.weights] for name in AVERAGES}
-        self.predict = tf.function(lambda x: tf.argmax(model(x, training=False), axis=-1, output_type=tf.int32))
+        self.predict = compare.class_predictor(model)
 
     def accuracy(self) -> float:
-        correct = sum(
-            int(np.sum(self.predict(self.images[i : i + 1000]).numpy() == self.labels[i : i + 1000]))
-            for i in range(0, len(self.labels), 1000)
-        )
-        return correct / len(self.labels)
+        return compare.accuracy(self.predict, self.images, self.labels, batch=1000)
 
     def on_train_batch_end(self, batch, logs=None):
         self.step += 1
