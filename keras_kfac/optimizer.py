@@ -146,6 +146,11 @@ class KFAC(keras.optimizers.Optimizer):
             learning rate) or "heavy_ball" (v ← μv − lr·U, step v: Martens & Grosse, about
             1/(1 − μ) times longer).  None: "average", or "heavy_ball" with the quadratic model
             (learning_rate=None, momentum=None or adapt_damping=True), which needs it.
+        polynomial_averaging: η ≥ 0 keeps the polynomial-decay average of the weights (Shamir &
+            Zhang 2013), x_t = x_{t−1} + (η + 1)/(t + η)·(w_t − x_{t−1}) from x_1 = w_1, i.e. w_s
+            weighted ∝ Γ(s + η)/Γ(s) ≈ s^η (η = 0: the plain mean), and puts it in place of the
+            weights when `fit` ends, as Keras' `use_ema` does (which it turns on, in place of
+            the exponential average).  None: no such average.
         weight_sharing: layers applied over shared positions (Dense on sequences, EinsumDense):
             "expand" (every position a row) or "reduce" (per example, inputs averaged and output
             gradients summed over the positions; Eschenhagen et al. 2023). None: "expand".
@@ -193,6 +198,7 @@ class KFAC(keras.optimizers.Optimizer):
         diagonal_fisher=False,
         weight_sharing=None,
         momentum_form=None,
+        polynomial_averaging=None,
         name=None,
         **kwargs,
     ):
@@ -261,6 +267,14 @@ class KFAC(keras.optimizers.Optimizer):
             args.check_number("max_factor_size", max_factor_size, low=1, integer=True)
         args.check_choice("weight_sharing", weight_sharing, (None, "expand", "reduce"))
         args.check_choice("momentum_form", momentum_form, (None,) + MOMENTUM_FORMS)
+        if polynomial_averaging is not None:
+            args.check_number("polynomial_averaging", polynomial_averaging, low=0.0)
+            if not kwargs.get("use_ema", True):
+                raise ValueError(
+                    "`polynomial_averaging` keeps an average of the weights (Keras' `use_ema` machinery); "
+                    "it cannot be combined with use_ema=False."
+                )
+            kwargs["use_ema"] = True
         uses_quadratic = auto_learning_rate or auto_momentum or adapt_damping
         if uses_quadratic and momentum_form == "average":
             raise ValueError(
@@ -295,6 +309,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.diagonal_fisher = bool(diagonal_fisher)
         self.weight_sharing = weight_sharing
         self.momentum_form = momentum_form
+        self.polynomial_averaging = None if polynomial_averaging is None else float(polynomial_averaging)
         self.inverse_jit = inverse_jit
         self.inverse_dtype = inverse_dtype
         self.statistics_jit = statistics_jit
@@ -841,13 +856,19 @@ class KFAC(keras.optimizers.Optimizer):
 
     def _weight_average_phase(self) -> None:
         """Keras' `use_ema`, once the whole step (blocks and fallback) has moved the weights:
-        x ← β x + (1 − β) w for every trainable w (β = `ema_momentum`; x = w after the first step),
-        and w ← x every `ema_overwrite_frequency` steps."""
-        after_first = tf.not_equal(self.iterations, 1)  # the counter already includes this step
+        x ← x + r_t (w − x) for every trainable w, with r_t = 1 − β (β = `ema_momentum`; r_1 = 1,
+        so x = w after the first step) or, with `polynomial_averaging` η, r_t = (η + 1) / (t + η)
+        (t = 1, 2, ... the step); and w ← x every `ema_overwrite_frequency` steps."""
+        step = tf.cast(self.iterations, tf.float32)  # the counter already includes this step
+        if self.polynomial_averaging is None:
+            rate = tf.where(tf.equal(step, 1.0), 1.0, 1.0 - tf.cast(self.ema_momentum, tf.float32))
+        else:
+            power = self.polynomial_averaging
+            rate = (power + 1.0) / (step + power)
         for variable, average in zip(self._trainable_variables, self._model_variables_moving_average):
             if average is not None:
-                momentum = tf.cast(after_first, variable.dtype) * tf.cast(self.ema_momentum, variable.dtype)
-                self.assign(average, momentum * average + (1.0 - momentum) * variable)
+                r = tf.cast(rate, variable.dtype)
+                self.assign(average, average + r * (variable - average))
         if self.ema_overwrite_frequency:
             tf.cond(
                 tf.equal(self.iterations % self.ema_overwrite_frequency, 0),
@@ -1045,6 +1066,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "diagonal_fisher": self.diagonal_fisher,
                 "weight_sharing": self.weight_sharing,
                 "momentum_form": self.momentum_form,
+                "polynomial_averaging": self.polynomial_averaging,
                 "inverse_jit": self.inverse_jit,
                 "inverse_dtype": self.inverse_dtype,
                 "statistics_jit": self.statistics_jit,

@@ -2,7 +2,10 @@
 
 The reference is the average recomputed in float64 from the weights seen after every step:
 x₁ = w₁, x_t = β x_{t−1} + (1 − β) w_t; at the end of `fit` Keras replaces the weights by x.
+The polynomial-decay average (`polynomial_averaging=η`) is checked against its closed form.
 """
+
+import math
 
 import keras
 import numpy as np
@@ -66,3 +69,46 @@ def test_average_of_the_weights_each_step_left(options):
     for name, a, f, r in zip([v.path for v in model.trainable_variables], average, final, raw):
         assert np.abs(a - r).max() > 1e-3, name  # the average differs from the last weights...
         np.testing.assert_allclose(f, a, rtol=1e-5, atol=1e-6, err_msg=name)  # ...and fit ends on it
+
+
+def _polynomial_weights(steps: int, power: float) -> np.ndarray:
+    """Closed form of the polynomial-decay average after `steps` steps: x_T = Σ_s c_s w_s with
+    c_s = (η + 1) Γ(s + η) Γ(T) / (Γ(s) Γ(T + η + 1)) (they sum to one)."""
+    lgamma = np.vectorize(math.lgamma)
+    s = np.arange(1, steps + 1, dtype="float64")
+    return (power + 1.0) * np.exp(lgamma(s + power) - lgamma(s) + math.lgamma(steps) - math.lgamma(steps + power + 1.0))
+
+
+@pytest.mark.parametrize("power", [0.0, 2.5, 8.0])
+def test_polynomial_average_is_the_closed_form_weighting(power):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    model = _model()
+    optimizer = keras_kfac.KFAC(polynomial_averaging=power, learning_rate=1e-2, stats_every=1, inverse_every=2)
+    assert optimizer.use_ema
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    record = _WeightsAfterEachStep()
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+
+    coefficients = _polynomial_weights(len(record.seen), power)
+    np.testing.assert_allclose(coefficients.sum(), 1.0, rtol=1e-12)
+    if power == 0.0:
+        np.testing.assert_allclose(coefficients, 1.0 / len(record.seen), rtol=1e-12)  # the plain mean
+    final = [v.numpy() for v in model.trainable_variables]
+    for i, (variable, f) in enumerate(zip(model.trainable_variables, final)):
+        expected = sum(c * weights[i] for c, weights in zip(coefficients, record.seen))
+        assert np.abs(expected - record.seen[-1][i]).max() > 1e-3, variable.path
+        np.testing.assert_allclose(f, expected, rtol=1e-5, atol=1e-6, err_msg=variable.path)
+
+
+def test_polynomial_averaging_arguments():
+    config = keras_kfac.KFAC(polynomial_averaging=8).get_config()
+    assert config["polynomial_averaging"] == 8.0 and config["use_ema"] is True
+    restored = keras_kfac.KFAC.from_config(config)
+    assert restored.polynomial_averaging == 8.0 and restored.use_ema
+    with pytest.raises(ValueError, match="polynomial_averaging"):
+        keras_kfac.KFAC(polynomial_averaging=-1.0)
+    with pytest.raises(ValueError, match="use_ema=False"):
+        keras_kfac.KFAC(polynomial_averaging=3, use_ema=False)
