@@ -37,6 +37,19 @@ class _WeightsAfterEachStep(keras.callbacks.Callback):
         self.seen.append([v.numpy().astype("float64") for v in self.model.trainable_variables])
 
 
+def _fit_recording(optimizer, data_seed: int = 0):
+    """The model after two epochs (12 steps of 16) with `optimizer`, and the weights after each step."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(data_seed)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+    model = _model()
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    record = _WeightsAfterEachStep()
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    return model, record
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -50,15 +63,8 @@ class _WeightsAfterEachStep(keras.callbacks.Callback):
     ids=["fixed_step", "quadratic_model", "fallback_only"],
 )
 def test_average_of_the_weights_each_step_left(options):
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
-    model = _model()
     optimizer = keras_kfac.KFAC(use_ema=True, ema_momentum=MOMENTUM, stats_every=1, inverse_every=2, **options)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
-    record = _WeightsAfterEachStep()
-    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    model, record = _fit_recording(optimizer)
 
     assert len(record.seen) == 12
     average = record.seen[0]
@@ -81,16 +87,9 @@ def _polynomial_weights(steps: int, power: float) -> np.ndarray:
 
 @pytest.mark.parametrize("power", [0.0, 2.5, 8.0])
 def test_polynomial_average_is_the_closed_form_weighting(power):
-    keras.utils.set_random_seed(0)
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    y = (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
-    model = _model()
     optimizer = keras_kfac.KFAC(polynomial_averaging=power, learning_rate=1e-2, stats_every=1, inverse_every=2)
     assert optimizer.use_ema
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
-    record = _WeightsAfterEachStep()
-    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    model, record = _fit_recording(optimizer, data_seed=1)
 
     coefficients = _polynomial_weights(len(record.seen), power)
     np.testing.assert_allclose(coefficients.sum(), 1.0, rtol=1e-12)
