@@ -1,10 +1,12 @@
 """Does averaging K-FAC's iterates reach the bar sooner?  A one-seed probe on the seed task.
 
     python benchmarks/weight_averaging.py --config "KFAC()" [--seed 0] [--batch-size 128]
-                                          [--data-dir DIR] [--out benchmarks/results/study/averaging]
+                                          [--model alexnet|vit_p7] [--data-dir DIR]
+                                          [--out benchmarks/results/study/averaging]
 
-Trains the AlexNet-style CNN with the optimizer of `--config` (a `KFAC(...)` expression) from the
-same initial weights and batches as `compare_optimizers.py`, and keeps, beside the weights w_t
+Trains the AlexNet-style CNN (or, with `--model vit_p7`, `benchmarks/vit.py`'s 7x7-patch ViT) with
+the optimizer of `--config` (a `KFAC(...)` expression) from the same initial weights and batches
+as `compare_optimizers.py` (and `vit.py`), and keeps, beside the weights w_t
 themselves, these running averages of them (t counts steps from 1, every average starts at w_1):
 
     "ema<β>":  x ← x + (1 − β)(w_t − x)          (Keras' `use_ema` with `ema_momentum=β`)
@@ -19,6 +21,7 @@ are kept.  Output: one JSON per run, `<out>/b<batch>_s<seed>_<digest of the conf
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -32,6 +35,9 @@ import tensorflow as tf  # noqa: E402
 from kfac_study import optimizer_from  # noqa: E402
 
 from keras_kfac.datasets import load_arrays  # noqa: E402
+from keras_kfac.models import vit  # noqa: E402
+
+MODELS = {"alexnet": compare.alexnet, "vit_p7": functools.partial(vit, patch_size=7)}
 
 AVERAGES = {
     "ema0.99": ("ema", 0.99),
@@ -91,14 +97,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--model", choices=sorted(MODELS), default="alexnet")
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results/study/averaging")
     args = parser.parse_args(argv)
     (x, y), (x_test, y_test) = load_arrays("fashion_mnist", args.data_dir)
-    weights = compare.initial_weights(args.seed)
+    build = MODELS[args.model]
+    weights = compare.initial_weights(args.seed, build)
     keras.utils.set_random_seed(args.seed)
-    model = compare.alexnet()
+    model = build()
     model.set_weights(weights)
     model.compile(optimizer=optimizer_from(args.config), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     last_step = args.epochs * (len(y) // args.batch_size)
@@ -106,6 +114,7 @@ def main(argv=None) -> dict:
     model.fit(compare.batches(x, y, args.batch_size, args.seed), epochs=args.epochs, verbose=0, callbacks=[recorder])
     run = {
         "config": args.config,
+        "model": args.model,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
@@ -114,7 +123,8 @@ def main(argv=None) -> dict:
     }
     os.makedirs(args.out, exist_ok=True)
     key = hashlib.sha1(args.config.encode()).hexdigest()[:10]
-    with open(os.path.join(args.out, f"b{args.batch_size}_s{args.seed}_{key}.json"), "w") as f:
+    prefix = "" if args.model == "alexnet" else f"{args.model}_"
+    with open(os.path.join(args.out, f"{prefix}b{args.batch_size}_s{args.seed}_{key}.json"), "w") as f:
         json.dump(run, f)
     return run
 
