@@ -66,8 +66,13 @@ def sweep_table(learning_rates) -> dict:
     return compare.sweep_table(KFAC_SETTINGS, {kind: tuple(learning_rates) for kind in FIRST_ORDER})
 
 
+def builder(patch_size: int = 4):
+    """The benchmark's model constructor: `keras_kfac.models.vit` with square patches of this side."""
+    return functools.partial(vit, patch_size=patch_size)
+
+
 def benchmark(learning_rates=LEARNING_RATES, patch_size: int = 4) -> compare.Benchmark:
-    build = functools.partial(vit, patch_size=patch_size)
+    build = builder(patch_size)
     tokens = (28 // patch_size) ** 2
     return compare.Benchmark(
         name="vit" if patch_size == 4 else f"vit_p{patch_size}",

@@ -15,13 +15,12 @@ themselves, these running averages of them (t counts steps from 1, every average
 
 Every `--eval-every` steps it measures test accuracy (all 10,000 images) of w_t ("raw") and of each
 average, swapped in for the evaluation.  The evaluations make the step times meaningless, so none
-are kept.  Output: one JSON per run, `<out>/b<batch>_s<seed>_<digest of the config>.json`.
+are kept.  Output: one JSON per run, `<out>/[vit_p7_]b<batch>_s<seed>_<digest of the config>.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -32,12 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare_optimizers as compare  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
+import vit as vit_benchmark  # noqa: E402
 from kfac_study import optimizer_from  # noqa: E402
 
 from keras_kfac.datasets import load_arrays  # noqa: E402
-from keras_kfac.models import vit  # noqa: E402
 
-MODELS = {"alexnet": compare.alexnet, "vit_p7": functools.partial(vit, patch_size=7)}
+MODELS = {"alexnet": compare.alexnet, "vit_p7": vit_benchmark.builder(7)}
 
 AVERAGES = {
     "ema0.99": ("ema", 0.99),
