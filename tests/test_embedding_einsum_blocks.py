@@ -14,8 +14,10 @@ import keras_kfac
 from keras_kfac.blocks import (
     BlockOptions,
     DenseBlock,
+    DenseExpandBlock,
     DenseReduceBlock,
     EinsumDenseBlock,
+    EinsumDenseExpandBlock,
     EinsumDenseReduceBlock,
     EmbeddingBlock,
     block_for_layer,
@@ -136,12 +138,15 @@ def _einsum_model(t, d):
     )
 
 
-@pytest.mark.parametrize("mode", ["eigen", "factored"])
-@pytest.mark.parametrize("sharing", ["expand", "reduce"])
+@pytest.mark.parametrize(
+    "sharing, mode",
+    [("expand", "eigen"), ("expand", "factored"), ("reduce", "eigen"), ("reduce", "factored"), (None, "eigen")],
+)
 def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode):
     """Factors and the updated kernels/biases of every layer, for equations with several
     input/output feature axes, a kernel whose output axis comes first and a bias of shape
-    (F, 1), with either weight-sharing approximation."""
+    (F, 1), with either weight-sharing approximation; without one (None), the step is
+    KFAC-reduce's, the blocks' default."""
     rng = np.random.default_rng(3)
     m, t, d = 6, 4, 3
     x = rng.normal(size=(m, t, d)).astype("float32")
@@ -149,18 +154,19 @@ def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode):
     model = _einsum_model(t, d)
     layers = {layer.name: layer for layer in model.layers if layer.weights}
     weights = {name: (_f64(layer.kernel.numpy()), _f64(layer.bias.numpy())) for name, layer in layers.items()}
-    expected = einsum_reference(_f64(x), y, weights, sharing, mode)
+    used = sharing or "reduce"
+    expected = einsum_reference(_f64(x), y, weights, used, mode)
     opt = exact_kfac(learning_rate=LR, damping=DAMPING, damping_mode=mode, weight_sharing=sharing)
     # Compiled (graph) for eigen, eager for factored: both step paths, at half the compile time.
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy", run_eagerly=mode == "factored")
     model.train_on_batch(x, y)
     kinds = {b.name: (b.kind, b.weight_sharing) for b in opt.blocks}
     assert kinds == {
-        "q": ("EinsumDenseBlock", sharing),
-        "o": ("EinsumDenseBlock", sharing),
-        "dense": ("DenseBlock", sharing),
-        "perm": ("EinsumDenseBlock", sharing),
-        "head": ("EinsumDenseBlock", sharing),
+        "q": ("EinsumDenseBlock", used),
+        "o": ("EinsumDenseBlock", used),
+        "dense": ("DenseBlock", used),
+        "perm": ("EinsumDenseBlock", used),
+        "head": ("EinsumDenseBlock", used),
     }
     factors = opt.factors()
     for name, layer in layers.items():
@@ -291,16 +297,29 @@ def test_ellipsis_einsum_gives_the_factors_of_the_equivalent_dense():
     dense.build((None, 5, 3))
     einsum = keras.layers.EinsumDense("...b,bc->...c", 2, bias_axes="c")
     einsum.build((None, 5, 3))
-    for dense_cls, einsum_cls in ((DenseBlock, EinsumDenseBlock), (DenseReduceBlock, EinsumDenseReduceBlock)):
+    pairs = (
+        (DenseBlock, EinsumDenseBlock),
+        (DenseExpandBlock, EinsumDenseExpandBlock),
+        (DenseReduceBlock, EinsumDenseReduceBlock),
+    )
+    for dense_cls, einsum_cls in pairs:
         expected = dense_cls(dense).batch_statistics([x], [g], 4)
         got = einsum_cls(einsum).batch_statistics([x], [g], 4)
         for e, o in zip(expected, got):
             np.testing.assert_allclose(o.numpy(), e.numpy(), rtol=1e-5, atol=1e-6)
-    # Reduce differs from expand on sequences, and both agree without positions.
-    expand = EinsumDenseBlock(einsum).batch_statistics([x], [g], 4)
-    reduce = EinsumDenseReduceBlock(einsum).batch_statistics([x], [g], 4)
+    # Reduce (the default) differs from expand on sequences, against the float64 definitions.
+    x64, g64 = _f64(x), _f64(g)
+    defaults = ((EinsumDenseBlock, "reduce"), (EinsumDenseExpandBlock, "expand"), (EinsumDenseReduceBlock, "reduce"))
+    for cls, sharing in defaults:
+        a, gg = _factors(x64, g64, True, sharing)
+        block = cls(einsum)
+        stats = block.batch_statistics([x], [g], 4)
+        assert block.weight_sharing == sharing
+        assert ref.rel_err(stats[0].numpy(), a) < 1e-5 and ref.rel_err(stats[1].numpy(), gg) < 1e-5
+    expand = EinsumDenseExpandBlock(einsum).batch_statistics([x], [g], 4)
+    reduce = EinsumDenseBlock(einsum).batch_statistics([x], [g], 4)
     assert not np.allclose(expand[1].numpy(), reduce[1].numpy())
-    assert EinsumDenseBlock(einsum, weight_sharing="reduce").weight_sharing == "reduce"
+    assert EinsumDenseBlock(einsum, weight_sharing="expand").weight_sharing == "expand"
     with pytest.raises(ValueError, match="weight_sharing"):
         EinsumDenseBlock(einsum, weight_sharing="sum")
 
@@ -344,7 +363,15 @@ def test_weight_sharing_option_reaches_the_blocks():
     opt.build(model.trainable_variables)
     assert [b.weight_sharing for b in opt.blocks] == ["reduce"] * 3
     assert keras_kfac.KFAC.from_config(opt.get_config()).weight_sharing == "reduce"
-    assert keras_kfac.KFAC().block_options.weight_sharing is None  # the blocks' default: expand
+    assert keras_kfac.KFAC().block_options.weight_sharing is None  # each block's default
+    default = keras_kfac.KFAC()
+    model.compile(optimizer=default, loss="mse")
+    default.build(model.trainable_variables)
+    assert [b.weight_sharing for b in default.blocks] == ["reduce"] * 3  # Dense's and EinsumDense's
+    expand = keras_kfac.KFAC(weight_sharing="expand")
+    model.compile(optimizer=expand, loss="mse")
+    expand.build(model.trainable_variables)
+    assert [b.weight_sharing for b in expand.blocks] == ["expand"] * 3
     with pytest.raises(ValueError, match="weight_sharing"):
         keras_kfac.KFAC(weight_sharing="sum")
 
@@ -386,12 +413,18 @@ def test_transformer_classifier_trains_with_kfac_and_lists_the_attention_project
     assert "Trainable parameters under curvature blocks" in text and "(100.0%)" in text
 
 
-def test_transformer_summary_with_kfac_reduce():
+@pytest.mark.parametrize(
+    "sharing, named", [(None, "KFAC-reduce"), ("reduce", "KFAC-reduce"), ("expand", "KFAC-expand")]
+)
+def test_transformer_summary_names_the_weight_sharing(sharing, named):
     model = _transformer(20, 8)
-    opt = keras_kfac.KFAC(fisher="empirical", weight_sharing="reduce")
+    opt = keras_kfac.KFAC(fisher="empirical", weight_sharing=sharing)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     text = model.kfac_summary(print_fn=None)
     for name in ("query", "key", "value", "attention_output"):
         line = next(line for line in text.splitlines() if line.startswith(name))
-        assert "EinsumDenseBlock" in line and "KFAC-reduce" in line
+        assert "EinsumDenseBlock" in line and named in line
+    # The classifier sees one vector per example (no shared positions): its line names neither.
+    classifier = next(line for line in text.splitlines() if line.startswith("classifier"))
+    assert "DenseBlock" in classifier and "KFAC-" not in classifier
     assert "(100.0%)" in text

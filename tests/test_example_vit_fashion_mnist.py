@@ -32,17 +32,18 @@ def _synthetic(batch_size, data_dir=None, shuffle_seed=None):
     return train, test
 
 
-def test_vit_example_trains_with_kfac_reduce(monkeypatch, capsys):
+def test_vit_example_trains_with_kfac_expand(monkeypatch, capsys):
     example = _example(monkeypatch)
     # The data are loaded by the sibling example's train_and_evaluate, which the ViT example reuses.
     monkeypatch.setattr(sys.modules["fashion_mnist"], "fashion_mnist", _synthetic)
     # One Transformer block instead of four keeps the tracing of the K-FAC step short.
     args = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "32", "--depth", "1", "--verbose", "0"]
-    result = example.main(args + ["--weight-sharing", "reduce"])
+    # Not the package default (KFAC-reduce): the option must reach the blocks.
+    result = example.main(args + ["--weight-sharing", "expand"])
     out = capsys.readouterr().out
-    assert "KFAC-reduce" in out and "KFAC-expand" not in out  # the summary names the weight sharing
+    assert "KFAC-expand" in out and "KFAC-reduce" not in out  # the summary names the weight sharing
     assert "Trainable parameters under curvature blocks: 38,474 of 38,474 (100.0%)" in out
-    assert "(kfac, reduce, 2 epochs)" in out
+    assert "(kfac, expand, 2 epochs)" in out
     assert len(result["history"]["loss"]) == 2
     assert all(math.isfinite(v) for v in result["history"]["loss"])
     assert result["history"]["skipped_steps"][-1] == 0

@@ -10,8 +10,10 @@ from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.depthwise import DepthwiseConv2DBlock, SeparableConv2DBlock
 from keras_kfac.blocks.diagonal import DiagonalFisherBlock
 from keras_kfac.blocks.einsum_dense import (
+    DenseExpandBlock,
     DenseReduceBlock,
     EinsumDenseBlock,
+    EinsumDenseExpandBlock,
     EinsumDenseReduceBlock,
 )
 from keras_kfac.blocks.embedding import EmbeddingBlock
@@ -31,6 +33,7 @@ __all__ = [
     "KroneckerBlock",
     "DenseBlock",
     "DenseReduceBlock",
+    "DenseExpandBlock",
     "Conv2DBlock",
     "FeatureBlock",
     "ScaleShiftBlock",
@@ -39,6 +42,7 @@ __all__ = [
     "GroupNormalizationBlock",
     "EinsumDenseBlock",
     "EinsumDenseReduceBlock",
+    "EinsumDenseExpandBlock",
     "EmbeddingBlock",
     "ConvolutionBlock",
     "Conv1DBlock",

@@ -1,10 +1,11 @@
 """K-FAC block of a `keras.layers.Dense` layer (Martens & Grosse 2015).
 
 Inputs of rank > 2 (e.g. (batch, time, features)) have positions shared by the weights. With
-KFAC-expand (the default) they are treated like convolution locations: A averages over examples
-and positions, G sums over positions and averages over examples. With KFAC-reduce
-(`KFAC(weight_sharing="reduce")`, Eschenhagen et al. 2023) each example gives one row: ā the
-mean of its positions' inputs, g the sum of its positions' output gradients.
+KFAC-reduce (the default; Eschenhagen et al. 2023) each example gives one row: ā the mean of its
+positions' inputs, g the sum of its positions' output gradients. With KFAC-expand
+(`KFAC(weight_sharing="expand")`, or `DenseExpandBlock`) they are treated like convolution
+locations: A averages over examples and positions, G sums over positions and averages over
+examples. On rank-2 inputs both are plain K-FAC. (`keras_kfac.blocks.weight_sharing`.)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import tensorflow as tf
 from keras import ops
 
 from keras_kfac.blocks.kronecker import KroneckerBlock
-from keras_kfac.blocks.weight_sharing import choose_sharing, shared_rows, sharing_summary
+from keras_kfac.blocks.weight_sharing import choose_sharing, input_rank, shared_rows, sharing_summary
 
 
 class DenseBlock(KroneckerBlock):
@@ -25,7 +26,7 @@ class DenseBlock(KroneckerBlock):
             pre = ops.add(pre, self.layer.bias)
         return pre
 
-    weight_sharing = "expand"
+    weight_sharing = "reduce"
 
     def __init__(self, layer, options=None, weight_sharing: str | None = None):
         super().__init__(layer, options)
@@ -41,4 +42,5 @@ class DenseBlock(KroneckerBlock):
 
     def summary(self) -> dict:
         info = super().summary()
-        return sharing_summary(info, self.weight_sharing) if self.weight_sharing != "expand" else info
+        rank = input_rank(self.layer)
+        return info if rank == 2 else sharing_summary(info, self.weight_sharing)  # named where positions may be shared

@@ -9,7 +9,10 @@ projection) sees per example a (P, features) block of inputs and of output gradi
   positions: A = (1/m) Σ_n ā_n ā_nᵀ with ā_n the mean, G = (1/m) Σ_n ĝ_n ĝ_nᵀ with ĝ_n the sum.
 
 A block's mode is its constructor argument, else `KFAC(weight_sharing=...)` (the block options),
-else the block class's default.
+else the block class's default: "reduce" for `DenseBlock` and `EinsumDenseBlock` (chosen by the
+ViT benchmark, BENCHMARKS.md "Vision Transformer on Fashion-MNIST": higher test accuracy on each
+of three seeds at the same step time), "expand" for `DenseExpandBlock`/`EinsumDenseExpandBlock`.
+Both are plain K-FAC for a layer without shared positions.
 """
 
 from __future__ import annotations
@@ -38,6 +41,14 @@ def shared_rows(per_example: tf.Tensor, weight_sharing: str, side: str) -> tf.Te
     if side == "a":
         return tf.reduce_mean(per_example, axis=1)
     return tf.reduce_sum(per_example, axis=1)
+
+
+def input_rank(layer) -> int | None:
+    """Rank of the layer's input where the model's graph gives one (a layer called once), else None."""
+    try:
+        return len(layer.input.shape)
+    except (AttributeError, ValueError, RuntimeError, TypeError):
+        return None
 
 
 def sharing_summary(info: dict, weight_sharing: str) -> dict:
