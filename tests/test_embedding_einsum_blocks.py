@@ -310,15 +310,14 @@ def test_ellipsis_einsum_gives_the_factors_of_the_equivalent_dense():
     # Reduce (the default) differs from expand on sequences, against the float64 definitions.
     x64, g64 = _f64(x), _f64(g)
     defaults = ((EinsumDenseBlock, "reduce"), (EinsumDenseExpandBlock, "expand"), (EinsumDenseReduceBlock, "reduce"))
+    stats = {}
     for cls, sharing in defaults:
         a, gg = _factors(x64, g64, True, sharing)
         block = cls(einsum)
-        stats = block.batch_statistics([x], [g], 4)
+        stats[cls] = block.batch_statistics([x], [g], 4)
         assert block.weight_sharing == sharing
-        assert ref.rel_err(stats[0].numpy(), a) < 1e-5 and ref.rel_err(stats[1].numpy(), gg) < 1e-5
-    expand = EinsumDenseExpandBlock(einsum).batch_statistics([x], [g], 4)
-    reduce = EinsumDenseBlock(einsum).batch_statistics([x], [g], 4)
-    assert not np.allclose(expand[1].numpy(), reduce[1].numpy())
+        assert ref.rel_err(stats[cls][0].numpy(), a) < 1e-5 and ref.rel_err(stats[cls][1].numpy(), gg) < 1e-5
+    assert not np.allclose(stats[EinsumDenseExpandBlock][1].numpy(), stats[EinsumDenseBlock][1].numpy())
     assert EinsumDenseBlock(einsum, weight_sharing="expand").weight_sharing == "expand"
     with pytest.raises(ValueError, match="weight_sharing"):
         EinsumDenseBlock(einsum, weight_sharing="sum")
@@ -358,20 +357,14 @@ def test_weight_sharing_option_reaches_the_blocks():
     hidden = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 5), bias_axes="d")(inputs)
     outputs = keras.layers.Dense(2)(keras.layers.Dense(3)(hidden))
     model = keras_kfac.Model(inputs, outputs)
-    opt = keras_kfac.KFAC(weight_sharing="reduce")
-    model.compile(optimizer=opt, loss="mse")
-    opt.build(model.trainable_variables)
-    assert [b.weight_sharing for b in opt.blocks] == ["reduce"] * 3
-    assert keras_kfac.KFAC.from_config(opt.get_config()).weight_sharing == "reduce"
-    assert keras_kfac.KFAC().block_options.weight_sharing is None  # each block's default
-    default = keras_kfac.KFAC()
-    model.compile(optimizer=default, loss="mse")
-    default.build(model.trainable_variables)
-    assert [b.weight_sharing for b in default.blocks] == ["reduce"] * 3  # Dense's and EinsumDense's
-    expand = keras_kfac.KFAC(weight_sharing="expand")
-    model.compile(optimizer=expand, loss="mse")
-    expand.build(model.trainable_variables)
-    assert [b.weight_sharing for b in expand.blocks] == ["expand"] * 3
+    # None: each block's default, KFAC-reduce for Dense and EinsumDense.
+    for option, used in (("reduce", "reduce"), (None, "reduce"), ("expand", "expand")):
+        opt = keras_kfac.KFAC(weight_sharing=option)
+        model.compile(optimizer=opt, loss="mse")
+        opt.build(model.trainable_variables)
+        assert [b.weight_sharing for b in opt.blocks] == [used] * 3
+        assert keras_kfac.KFAC.from_config(opt.get_config()).weight_sharing == option
+        assert opt.block_options.weight_sharing == option
     with pytest.raises(ValueError, match="weight_sharing"):
         keras_kfac.KFAC(weight_sharing="sum")
 

@@ -48,7 +48,7 @@ from keras import ops
 from keras_kfac.blocks.base import BlockOptions
 from keras_kfac.blocks.dense import DenseBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
-from keras_kfac.blocks.weight_sharing import choose_sharing, shared_rows, sharing_summary
+from keras_kfac.blocks.weight_sharing import choose_sharing, input_rank, shared_rows, sharing_summary
 
 
 # ------------------------------------------------------------------------------- Dense
@@ -163,7 +163,8 @@ class EinsumDenseBlock(KroneckerBlock):
     def __init__(self, layer, options: BlockOptions | None = None, weight_sharing: str | None = None):
         super().__init__(layer, options)
         self.weight_sharing = choose_sharing(self, weight_sharing)
-        self.layout = EinsumLayout(layer.equation, layer.bias_axes if self.bias is not None else None, _rank(layer))
+        bias_axes = layer.bias_axes if self.bias is not None else None
+        self.layout = EinsumLayout(layer.equation, bias_axes, input_rank(layer))
         kernel_shape = [int(d) for d in self.kernel.shape]
         layout = self.layout
         self._kernel_dims = [kernel_shape[i] for i in layout.kernel_perm()]
@@ -183,7 +184,7 @@ class EinsumDenseBlock(KroneckerBlock):
             return reason
         has_bias = getattr(layer, "bias", None) is not None
         try:
-            EinsumLayout(layer.equation, layer.bias_axes if has_bias else None, _rank(layer))
+            EinsumLayout(layer.equation, layer.bias_axes if has_bias else None, input_rank(layer))
         except ValueError as error:
             return f"equation '{layer.equation}' (bias_axes={layer.bias_axes!r}) is not supported: {error}"
         return super().unsupported_reason(layer)
@@ -230,11 +231,6 @@ class EinsumDenseBlock(KroneckerBlock):
 
     def summary(self) -> dict:
         return sharing_summary(super().summary(), self.weight_sharing)
-
-
-def _rank(layer) -> int | None:
-    spec = getattr(layer, "input_spec", None)
-    return getattr(spec, "ndim", None) if spec is not None and not isinstance(spec, (list, tuple)) else None
 
 
 class EinsumDenseReduceBlock(EinsumDenseBlock):

@@ -44,7 +44,12 @@ def shared_rows(per_example: tf.Tensor, weight_sharing: str, side: str) -> tf.Te
 
 
 def input_rank(layer) -> int | None:
-    """Rank of the layer's input where the model's graph gives one (a layer called once), else None."""
+    """Rank of the layer's input: its input spec's `ndim` (set by EinsumDense's build), else the
+    model graph's input (a layer called once), else None."""
+    spec = getattr(layer, "input_spec", None)
+    ndim = getattr(spec, "ndim", None) if spec is not None and not isinstance(spec, (list, tuple)) else None
+    if ndim is not None:
+        return ndim
     try:
         return len(layer.input.shape)
     except (AttributeError, ValueError, RuntimeError, TypeError):
