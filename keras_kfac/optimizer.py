@@ -44,10 +44,15 @@ GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
 MOMENTUM_FORMS = ("average", "heavy_ball")
 DEFAULT_DAMPING = 1e-4  # λ of a fixed damping given as None (the seed-task study, BENCHMARKS.md)
-# learning_rate="auto": BASE_LEARNING_RATE at REFERENCE_BATCH examples a step, times
-# √(batch / REFERENCE_BATCH) above it (the seed-task study at batches 128 and 1024, BENCHMARKS.md).
-BASE_LEARNING_RATE = 1e-3
+# learning_rate="auto": lr_t = PEAK_LEARNING_RATE · √min(b, 1) / (1 + t / (DECAY_STEPS · max(b, 1)))
+# at step t, b = B / REFERENCE_BATCH for the global batch B of the first step: a 1/t decay whose
+# horizon grows with the batch above the reference (the gradient noise it averages out falls as 1/B)
+# and whose start shrinks as √B below it (the seed-task studies at batches 128 and 1024, BENCHMARKS.md;
+# at batch 16 a 3e-3 start sets back keras.applications.MobileNetV2, tests/test_coverage.py).
+PEAK_LEARNING_RATE = 3e-3
+DECAY_STEPS = 400
 REFERENCE_BATCH = 128
+BASE_LEARNING_RATE = 1e-3  # the variable's unit: it holds BASE_LEARNING_RATE · √b (see below)
 
 
 def _has_accelerator() -> bool:
@@ -492,6 +497,18 @@ class KFAC(keras.optimizers.Optimizer):
     def learning_rate(self):
         return self._get_current_learning_rate()
 
+    def _get_current_learning_rate(self):
+        """learning_rate="auto": 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at the step
+        counter t (the fallback reads it too).  The learning-rate variable holds 1e-3 · √b, set
+        from the first batch (1e-3, so b = 1, until then), so b is saved and restored with the
+        optimizer's variables."""
+        if getattr(self, "learning_rate_from_batch", False):
+            t = keras.ops.cast(self._iterations, self._learning_rate.dtype)
+            root_b = self._learning_rate / BASE_LEARNING_RATE
+            peak = PEAK_LEARNING_RATE * keras.ops.minimum(root_b, 1.0)
+            return peak / (1.0 + t / (DECAY_STEPS * keras.ops.maximum(keras.ops.square(root_b), 1.0)))
+        return super()._get_current_learning_rate()
+
     @learning_rate.setter
     def learning_rate(self, value):
         """Setting the rate (a user, `keras.callbacks.LearningRateScheduler`) ends "auto": the
@@ -699,12 +716,13 @@ class KFAC(keras.optimizers.Optimizer):
         return tf.cond(ok, assign, lambda: tf.constant(False))
 
     def _batch_learning_rate_phase(self, num_examples) -> tf.Tensor:
-        """learning_rate="auto": at the first step, lr = 1e-3 · √(max(B, 128) / 128) for the
-        global batch B.  An unconditional assign (of the same value after the first step): under
-        a strategy, the learning-rate variable's cross-replica assign may not sit in a tf.cond."""
+        """learning_rate="auto": at the first step, the variable 1e-3 · √b, b = B / 128 for the
+        global batch B, which sets the start and the horizon of the decay (`_get_current_learning_rate`).
+        An unconditional assign (of the same value after the first step): under a strategy, the
+        learning-rate variable's cross-replica assign may not sit in a tf.cond."""
         accumulation = self.gradient_accumulation_steps or 1
         batch = tf.cast(num_examples, tf.float64) * float(distributed.num_replicas() * accumulation)
-        scale = tf.sqrt(tf.maximum(batch, float(REFERENCE_BATCH)) / float(REFERENCE_BATCH))
+        scale = tf.sqrt(batch / float(REFERENCE_BATCH))
         chosen = tf.cast(BASE_LEARNING_RATE * scale, self._learning_rate.dtype)
         first = tf.equal(self.iterations, 0)
         self._learning_rate.assign(tf.where(first, chosen, self._learning_rate))
@@ -1082,8 +1100,8 @@ class KFAC(keras.optimizers.Optimizer):
         )
         if self.auto_learning_rate:
             config["learning_rate"] = None
-        elif self.learning_rate_from_batch and int(self.iterations.numpy()) == 0:
-            config["learning_rate"] = "auto"  # still to be set from the first batch
+        elif self.learning_rate_from_batch:
+            config["learning_rate"] = "auto"  # the batch's rate is an optimizer variable, saved and restored with it
         if self.auto_momentum:
             config["momentum"] = None
         return config

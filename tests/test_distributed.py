@@ -132,8 +132,8 @@ def test_mirrored_two_devices_equal_one_device(mirrored, config):
 
 
 def test_auto_learning_rate_reads_the_global_batch(mirrored):
-    # 512 examples a step over two replicas (256 each): 1e-3 · √(512 / 128), not √(256 / 128).
-    # Both replicas hold it.
+    # 512 examples a step over two replicas (256 each): the variable that sets the decay horizon
+    # holds 1e-3 · √(512 / 128), not √(256 / 128).  Both replicas hold it.
     assert mirrored["auto_learning_rate"].shape == (2,)
     np.testing.assert_allclose(mirrored["auto_learning_rate"], 1e-3 * np.sqrt(512 / 128), rtol=1e-6)
 

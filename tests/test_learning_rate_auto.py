@@ -1,8 +1,9 @@
-"""`KFAC()`'s learning_rate="auto": 1e-3 · √(max(B, 128) / 128) for the global batch B of the
-first step (replicas and gradient accumulation included), set once, saved with the model.
+"""`KFAC()`'s learning_rate="auto": 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at step t,
+b = B / 128 for the global batch B of the first step (replicas and gradient accumulation included), set once and
+saved with the model; the decay follows the step counter.
 
-The reference is the closed form, and the same run with that number given as a float: both
-must give the same weights, so the rate is in effect from the first step on."""
+The reference is the closed form, and the same run with that rate given as a schedule: both must
+give the same weights, so the rate is in effect from the first step on."""
 
 import os
 
@@ -12,9 +13,32 @@ import pytest
 
 import keras_kfac
 
+PEAK, DECAY_STEPS, FAR = 3e-3, 400, 10**6
 
-def closed_form(batch: int) -> float:
-    return 1e-3 * np.sqrt(max(batch, 128) / 128)
+
+def closed_form(batch: int, step: int) -> float:
+    """The rate of step `step` (counted from 0), as the optimizer reports it after `step` steps."""
+    b = batch / 128
+    return PEAK * np.sqrt(min(b, 1.0)) / (1.0 + step / (DECAY_STEPS * max(b, 1.0)))
+
+
+class ClosedForm(keras.optimizers.schedules.LearningRateSchedule):
+    def __init__(self, batch):
+        self.peak = float(closed_form(batch, 0))
+        self.horizon = float(DECAY_STEPS * max(batch / 128, 1.0))
+
+    def __call__(self, step):
+        return self.peak / (1.0 + keras.ops.cast(step, "float32") / self.horizon)
+
+
+def far_rate(optimizer) -> float:
+    """The rate at step 10⁶, where the batch the horizon was set from shows most."""
+    counter = optimizer._iterations  # the step counter schedules read (micro-steps, with accumulation)
+    saved = int(counter.numpy())
+    counter.assign(FAR)
+    rate = float(optimizer.learning_rate)
+    counter.assign(saved)
+    return rate
 
 
 def data(count=1024):
@@ -46,12 +70,24 @@ def fit(model, batch_size, steps=2, **kwargs):
 @pytest.mark.parametrize("batch_size", [32, 128, 512, 1000])
 def test_learning_rate_grows_with_the_square_root_of_the_batch_above_128(batch_size):
     optimizer = keras_kfac.KFAC()
-    assert float(optimizer.learning_rate) == pytest.approx(1e-3)  # before the first step
-    model = fit(build(optimizer), batch_size)
-    assert float(optimizer.learning_rate) == pytest.approx(closed_form(batch_size), rel=1e-6)
-    given = fit(build(keras_kfac.KFAC(learning_rate=closed_form(batch_size))), batch_size)
-    for auto, fixed in zip(model.get_weights(), given.get_weights()):
-        np.testing.assert_array_equal(auto, fixed)
+    assert float(optimizer.learning_rate) == pytest.approx(PEAK)  # before the first step
+    model = fit(build(optimizer), batch_size, steps=3)
+    assert float(optimizer.learning_rate) == pytest.approx(closed_form(batch_size, 3), rel=1e-6)
+    assert far_rate(optimizer) == pytest.approx(closed_form(batch_size, FAR), rel=1e-5)
+    given = fit(build(keras_kfac.KFAC(learning_rate=ClosedForm(batch_size))), batch_size, steps=3)
+    for auto, scheduled in zip(model.get_weights(), given.get_weights()):
+        np.testing.assert_allclose(auto, scheduled, rtol=1e-6, atol=1e-7)
+
+
+def test_the_rate_decays_with_the_step_counter_and_the_fallback_follows():
+    optimizer = keras_kfac.KFAC(exclude=lambda layer: isinstance(layer, keras.layers.LayerNormalization))
+    fit(build(optimizer), 1024, steps=1)  # horizon 400 · 8 = 3,200 steps
+    fallback = optimizer.fallback_optimizer
+    assert fallback is not None
+    for step, expected in [(1, 3e-3 / (1 + 1 / 3200)), (3200, 1.5e-3), (6400, 1e-3), (32000, 3e-3 / 11)]:
+        optimizer.iterations.assign(step)  # the step counter alone sets the decay
+        assert float(optimizer.learning_rate) == pytest.approx(expected, rel=1e-6)
+        assert float(fallback.learning_rate) == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_given_rate_is_left_alone_whatever_the_batch():
@@ -63,32 +99,34 @@ def test_a_given_rate_is_left_alone_whatever_the_batch():
 def test_gradient_accumulation_counts_in_the_batch():
     optimizer = keras_kfac.KFAC(gradient_accumulation_steps=2)
     fit(build(optimizer), 256, steps=4)
-    assert float(optimizer.learning_rate) == pytest.approx(closed_form(512), rel=1e-6)
+    assert float(optimizer.learning_rate) == pytest.approx(closed_form(512, 4), rel=1e-6)
+    assert far_rate(optimizer) == pytest.approx(closed_form(512, FAR), rel=1e-5)
 
 
-def test_set_once_a_smaller_last_batch_and_a_later_fit_keep_it(tmp_path):
+def test_horizon_set_once_a_smaller_last_batch_a_later_fit_and_a_reload_keep_it(tmp_path):
     optimizer = keras_kfac.KFAC()
     model = build(optimizer)
     x, y = data(1024 + 40)  # the last batch has 40 examples
     model.fit(x, y, batch_size=1024, epochs=1, shuffle=False, verbose=0)
-    assert float(optimizer.learning_rate) == pytest.approx(closed_form(1024), rel=1e-6)
+    assert float(optimizer.learning_rate) == pytest.approx(closed_form(1024, 2), rel=1e-6)
     fit(model, 64)
-    assert float(optimizer.learning_rate) == pytest.approx(closed_form(1024), rel=1e-6)
+    assert float(optimizer.learning_rate) == pytest.approx(closed_form(1024, 4), rel=1e-6)
     path = os.path.join(tmp_path, "model.keras")
     model.save(path)
     loaded = keras.models.load_model(path)
-    assert float(loaded.optimizer.learning_rate) == pytest.approx(closed_form(1024), rel=1e-6)
-    fit(loaded, 64)  # resumed: iterations > 0, so the rate is not set again
-    assert float(loaded.optimizer.learning_rate) == pytest.approx(closed_form(1024), rel=1e-6)
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(closed_form(1024, 4), rel=1e-6)
+    fit(loaded, 64)  # resumed: iterations > 0, so the horizon is not set again; the decay goes on
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(closed_form(1024, 6), rel=1e-6)
+    assert far_rate(loaded.optimizer) == pytest.approx(closed_form(1024, FAR), rel=1e-5)
 
 
-def test_config_says_auto_until_the_first_step_then_the_rate_set():
+def test_config_says_auto_before_and_after_the_first_step():
     optimizer = keras_kfac.KFAC()
     assert optimizer.get_config()["learning_rate"] == "auto"
     again = keras_kfac.KFAC.from_config(optimizer.get_config())
     assert again.learning_rate_from_batch
     fit(build(again), 512)
-    assert again.get_config()["learning_rate"] == pytest.approx(closed_form(512), rel=1e-6)
+    assert again.get_config()["learning_rate"] == "auto"
     assert keras_kfac.KFAC(learning_rate=3e-3).get_config()["learning_rate"] == pytest.approx(3e-3)
 
 
