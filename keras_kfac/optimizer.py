@@ -86,10 +86,12 @@ class KFAC(keras.optimizers.Optimizer):
 
     Args:
         learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.  "auto"
-            (the default): 1e-3 · √(max(B, 128) / 128), B the global batch of the first step
-            (examples per replica × replicas × gradient_accumulation_steps), set once at that
-            step (1e-3 until then and at batches up to 128; 2.83e-3 at 1024).  None: α is
-            chosen each step by minimizing the quadratic model (see `keras_kfac.quadratic`).
+            (the default): 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at step t, with
+            b = B / 128 for B the global batch of the first step (examples per replica ×
+            replicas × gradient_accumulation_steps), read once at that step (b = 1 until then):
+            a 1/t decay from 3e-3, 1.5e-3 at step 400 at batch 128, slower above 128 and
+            starting lower below it.  None: α is chosen each step by minimizing the quadratic
+            model (see `keras_kfac.quadratic`).
         momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
             is chosen each step with α from the 2×2 system of the quadratic model over
             δ = −αU + μδ₀ (heavy-ball), kept in [0, 0.99].
@@ -1101,7 +1103,7 @@ class KFAC(keras.optimizers.Optimizer):
         if self.auto_learning_rate:
             config["learning_rate"] = None
         elif self.learning_rate_from_batch:
-            config["learning_rate"] = "auto"  # the batch's rate is an optimizer variable, saved and restored with it
+            config["learning_rate"] = "auto"  # b lives in the learning-rate variable, saved and restored with it
         if self.auto_momentum:
             config["momentum"] = None
         return config
