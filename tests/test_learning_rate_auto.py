@@ -1,6 +1,6 @@
 """`KFAC()`'s learning_rate="auto": 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at step t,
-b = B / 128 for the global batch B of the first step (replicas and gradient accumulation included), set once and
-saved with the model; the decay follows the step counter.
+b = B / 128 for the global batch B of the first step (replicas and gradient accumulation
+included), set once and saved with the model; the decay follows the step counter.
 
 The reference is the closed form, and the same run with that rate given as a schedule: both must
 give the same weights, so the rate is in effect from the first step on."""
@@ -68,7 +68,7 @@ def fit(model, batch_size, steps=2, **kwargs):
 
 
 @pytest.mark.parametrize("batch_size", [32, 128, 512, 1000])
-def test_learning_rate_grows_with_the_square_root_of_the_batch_above_128(batch_size):
+def test_rate_follows_the_closed_form_at_each_batch(batch_size):
     optimizer = keras_kfac.KFAC()
     assert float(optimizer.learning_rate) == pytest.approx(PEAK)  # before the first step
     model = fit(build(optimizer), batch_size, steps=3)
