@@ -500,11 +500,10 @@ class KFAC(keras.optimizers.Optimizer):
         return self._get_current_learning_rate()
 
     def _get_current_learning_rate(self):
-        """learning_rate="auto": 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at the step
-        counter t (the fallback reads it too).  The learning-rate variable holds 1e-3 · √b, set
-        from the first batch (1e-3, so b = 1, until then), so b is saved and restored with the
-        optimizer's variables."""
-        if getattr(self, "learning_rate_from_batch", False):
+        """learning_rate="auto": the decay of the module constants at the step counter t (the
+        fallback reads it too).  The learning-rate variable holds 1e-3 · √b, set from the first
+        batch (1e-3, so b = 1, until then), so b is saved and restored with the optimizer."""
+        if self.learning_rate_from_batch:
             t = keras.ops.cast(self._iterations, self._learning_rate.dtype)
             root_b = self._learning_rate / BASE_LEARNING_RATE
             peak = PEAK_LEARNING_RATE * keras.ops.minimum(root_b, 1.0)
