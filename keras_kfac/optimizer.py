@@ -44,14 +44,16 @@ GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
 MOMENTUM_FORMS = ("average", "heavy_ball")
 DEFAULT_DAMPING = 1e-4  # λ of a fixed damping given as None (the seed-task study, BENCHMARKS.md)
-# learning_rate="auto": lr_t = PEAK_LEARNING_RATE · √min(b, 1) / (1 + t / (DECAY_STEPS · max(b, 1)))
-# at step t, b = B / REFERENCE_BATCH for the global batch B of the first step: a 1/t decay whose
-# horizon grows with the batch above the reference (the gradient noise it averages out falls as 1/B)
-# and whose start shrinks as √B below it (the seed-task studies at batches 128 and 1024, BENCHMARKS.md;
-# at batch 16 a 3e-3 start sets back keras.applications.MobileNetV2, tests/test_coverage.py).
+# learning_rate="auto": lr_t = PEAK_LEARNING_RATE / (1 + t / (DECAY_STEPS · max(b, 1))) at step t,
+# b = B / REFERENCE_BATCH for the global batch B of the first step: a 1/t decay whose horizon grows
+# with the batch above the reference (the gradient noise it averages out falls as 1/B), with the
+# step bounded by the KL clip AUTO_KL_CLIP unless `kl_clip` is given (the seed-task studies at
+# batches 128 and 1024, and tests/test_coverage.py at batch 16, where the clip is what keeps a 3e-3
+# start from setting back keras.applications.MobileNetV2; BENCHMARKS.md).
 PEAK_LEARNING_RATE = 3e-3
 DECAY_STEPS = 400
 REFERENCE_BATCH = 128
+AUTO_KL_CLIP = 1e-3
 BASE_LEARNING_RATE = 1e-3  # the variable's unit: it holds BASE_LEARNING_RATE · √b (see below)
 
 
@@ -86,11 +88,11 @@ class KFAC(keras.optimizers.Optimizer):
 
     Args:
         learning_rate: float or `LearningRateSchedule`; the step is −learning_rate · U.  "auto"
-            (the default): 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at step t, with
-            b = B / 128 for B the global batch of the first step (examples per replica ×
-            replicas × gradient_accumulation_steps), read once at that step (b = 1 until then):
-            a 1/t decay from 3e-3, 1.5e-3 at step 400 at batch 128, slower above 128 and
-            starting lower below it.  None: α is chosen each step by minimizing the quadratic
+            (the default): 3e-3 / (1 + t / (400 · max(b, 1))) at step t, with b = B / 128 for
+            B the global batch of the first step (examples per replica × replicas ×
+            gradient_accumulation_steps), read once at that step (b = 1 until then): a 1/t
+            decay from 3e-3, 1.5e-3 at step 400 at batch 128 and below, slower above 128; with
+            kl_clip="auto" the step is also KL-clipped at 1e-3.  None: α is chosen each step by minimizing the quadratic
             model (see `keras_kfac.quadratic`).
         momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
             is chosen each step with α from the 2×2 system of the quadratic model over
@@ -117,7 +119,9 @@ class KFAC(keras.optimizers.Optimizer):
             re-estimated at every statistics step (George et al. 2018).  See
             `keras_kfac.inversion`.
         kl_clip: if set, the step is scaled by min(1, sqrt(kl_clip / (lr² Σ U·∇))) (with an
-            automatic α, by the same bound with α as lr).
+            automatic α, by the same bound with α as lr); the sum runs over the blocks'
+            variables.  "auto" (the default): 1e-3 with learning_rate="auto" (it bounds the first
+            steps of deep BatchNorm networks at small batches), None otherwise.
         adapt_damping: Levenberg–Marquardt damping: every `damping_every` steps λ is multiplied
             by ω = (19/20)^damping_every if ρ > 3/4 and divided by it if ρ < 1/4 (see
             `keras_kfac.damping`), then clipped to [min_damping, max_damping].
@@ -184,7 +188,7 @@ class KFAC(keras.optimizers.Optimizer):
         inverse_every=50,
         fisher="sampled",
         damping_mode="factored",
-        kl_clip=None,
+        kl_clip="auto",
         adapt_damping=False,
         graft="adam",
         stats_batch_size=32,
@@ -238,6 +242,11 @@ class KFAC(keras.optimizers.Optimizer):
         args.check_number("inverse_every", inverse_every, low=1, integer=True)
         args.check_choice("fisher", fisher, FISHER_TYPES)
         args.check_choice("damping_mode", damping_mode, tuple(INVERSIONS))
+        kl_clip_from_rate = isinstance(kl_clip, str)
+        if kl_clip_from_rate:
+            if kl_clip != "auto":
+                raise ValueError(f"`kl_clip` must be a positive number, None or 'auto'; received kl_clip={kl_clip!r}.")
+            kl_clip = AUTO_KL_CLIP if learning_rate_from_batch else None
         if kl_clip is not None:
             args.check_number("kl_clip", kl_clip, low=0.0, low_open=True)
         args.check_bool("adapt_damping", adapt_damping)
@@ -305,6 +314,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.fisher = fisher
         self.damping_mode = damping_mode
         self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.kl_clip_from_rate = kl_clip_from_rate
         self.adapt_damping = bool(adapt_damping)
         self.damping_from_factors = damping_from_factors
         self.graft = graft
@@ -505,9 +515,8 @@ class KFAC(keras.optimizers.Optimizer):
         batch (1e-3, so b = 1, until then), so b is saved and restored with the optimizer."""
         if self.learning_rate_from_batch:
             t = keras.ops.cast(self._iterations, self._learning_rate.dtype)
-            root_b = self._learning_rate / BASE_LEARNING_RATE
-            peak = PEAK_LEARNING_RATE * keras.ops.minimum(root_b, 1.0)
-            return peak / (1.0 + t / (DECAY_STEPS * keras.ops.maximum(keras.ops.square(root_b), 1.0)))
+            b = keras.ops.square(self._learning_rate / BASE_LEARNING_RATE)
+            return PEAK_LEARNING_RATE / (1.0 + t / (DECAY_STEPS * keras.ops.maximum(b, 1.0)))
         return super()._get_current_learning_rate()
 
     @learning_rate.setter
@@ -718,7 +727,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     def _batch_learning_rate_phase(self, num_examples) -> tf.Tensor:
         """learning_rate="auto": at the first step, the variable 1e-3 · √b, b = B / 128 for the
-        global batch B, which sets the start and the horizon of the decay (`_get_current_learning_rate`).
+        global batch B, which sets the horizon of the decay (`_get_current_learning_rate`).
         An unconditional assign (of the same value after the first step): under a strategy, the
         learning-rate variable's cross-replica assign may not sit in a tf.cond."""
         accumulation = self.gradient_accumulation_steps or 1
@@ -1074,7 +1083,8 @@ class KFAC(keras.optimizers.Optimizer):
                 "inverse_every": self.inverse_every,
                 "fisher": self.fisher,
                 "damping_mode": self.damping_mode,
-                "kl_clip": self.kl_clip,
+                # "auto" only while it still resolves to the same clip (a set rate ends "auto")
+                "kl_clip": "auto" if self.kl_clip_from_rate and self.learning_rate_from_batch else self.kl_clip,
                 "adapt_damping": self.adapt_damping,
                 "graft": self.graft,
                 "stats_batch_size": self.stats_batch_size,

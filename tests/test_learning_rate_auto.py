@@ -1,9 +1,10 @@
-"""`KFAC()`'s learning_rate="auto": 3e-3 · √min(b, 1) / (1 + t / (400 · max(b, 1))) at step t,
-b = B / 128 for the global batch B of the first step (replicas and gradient accumulation
-included), set once and saved with the model; the decay follows the step counter.
+"""`KFAC()`'s learning_rate="auto": 3e-3 / (1 + t / (400 · max(b, 1))) at step t, b = B / 128
+for the global batch B of the first step (replicas and gradient accumulation included), set once
+and saved with the model; the decay follows the step counter; and kl_clip="auto", 1e-3 with it.
 
-The reference is the closed form, and the same run with that rate given as a schedule: both must
-give the same weights, so the rate is in effect from the first step on."""
+The reference is the closed form, and the same run with that rate given as a schedule and the
+clip given as a number: both must give the same weights, so the rate and the clip are in effect
+from the first step on."""
 
 import os
 
@@ -13,13 +14,12 @@ import pytest
 
 import keras_kfac
 
-PEAK, DECAY_STEPS, FAR = 3e-3, 400, 10**6
+PEAK, DECAY_STEPS, FAR, KL_CLIP = 3e-3, 400, 10**6, 1e-3
 
 
 def closed_form(batch: int, step: int) -> float:
     """The rate of step `step` (counted from 0), as the optimizer reports it after `step` steps."""
-    b = batch / 128
-    return PEAK * np.sqrt(min(b, 1.0)) / (1.0 + step / (DECAY_STEPS * max(b, 1.0)))
+    return PEAK / (1.0 + step / (DECAY_STEPS * max(batch / 128, 1.0)))
 
 
 class ClosedForm(keras.optimizers.schedules.LearningRateSchedule):
@@ -74,9 +74,54 @@ def test_rate_follows_the_closed_form_at_each_batch(batch_size):
     model = fit(build(optimizer), batch_size, steps=3)
     assert float(optimizer.learning_rate) == pytest.approx(closed_form(batch_size, 3), rel=1e-6)
     assert far_rate(optimizer) == pytest.approx(closed_form(batch_size, FAR), rel=1e-5)
-    given = fit(build(keras_kfac.KFAC(learning_rate=ClosedForm(batch_size))), batch_size, steps=3)
+    given = fit(build(keras_kfac.KFAC(learning_rate=ClosedForm(batch_size), kl_clip=KL_CLIP)), batch_size, steps=3)
     for auto, scheduled in zip(model.get_weights(), given.get_weights()):
         np.testing.assert_allclose(auto, scheduled, rtol=1e-6, atol=1e-7)
+
+
+def test_the_auto_clip_binds_and_is_the_given_clip():
+    """kl_clip="auto" is kl_clip=1e-3 with the auto rate: where ν < 1 (512 units, inputs ×10),
+    the weights match a run given both by hand and differ from one without the clip."""
+
+    def run(optimizer):
+        keras.utils.set_random_seed(7)
+        model = keras_kfac.Sequential(
+            [
+                keras.Input((6,)),
+                keras.layers.Dense(512, activation="relu"),
+                keras.layers.LayerNormalization(),
+                keras.layers.Dense(3),
+            ]
+        )
+        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x, y = data(32 * 3)
+        nus = []
+        record = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda batch, logs: nus.append(float(logs.get("kl_clip_factor", 1.0)))
+        )
+        model.fit(10 * x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=[record])
+        return model.get_weights(), nus
+
+    auto, nus = run(keras_kfac.KFAC())
+    assert min(nus) < 0.95, nus
+    given, given_nus = run(keras_kfac.KFAC(learning_rate=ClosedForm(32), kl_clip=KL_CLIP))
+    np.testing.assert_allclose(nus, given_nus, rtol=1e-5)
+    for a, b in zip(auto, given):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    unclipped, _ = run(keras_kfac.KFAC(kl_clip=None))
+    assert max(float(np.max(np.abs(a - b))) for a, b in zip(auto, unclipped)) > 1e-4
+
+
+def test_the_auto_clip_follows_the_rate_in_the_config():
+    assert keras_kfac.KFAC().kl_clip == KL_CLIP
+    assert keras_kfac.KFAC().get_config()["kl_clip"] == "auto"
+    assert keras_kfac.KFAC(learning_rate=1e-3).kl_clip is None
+    assert keras_kfac.KFAC(learning_rate=None).kl_clip is None
+    assert keras_kfac.KFAC(kl_clip=None).kl_clip is None
+    assert keras_kfac.KFAC(learning_rate=1e-3, kl_clip=1e-2).kl_clip == 1e-2
+    assert keras_kfac.KFAC.from_config(keras_kfac.KFAC().get_config()).kl_clip == KL_CLIP
+    with pytest.raises(ValueError, match="kl_clip"):
+        keras_kfac.KFAC(kl_clip="on")
 
 
 def test_the_rate_decays_with_the_step_counter_and_the_fallback_follows():
@@ -143,3 +188,6 @@ def test_a_rate_set_before_the_first_step_wins_over_auto():
     assert float(optimizer.learning_rate) == pytest.approx(0.02)
     assert not optimizer.learning_rate_from_batch
     assert optimizer.get_config()["learning_rate"] == pytest.approx(0.02)
+    # The clip it was built with stays, and a reload from the config keeps it.
+    assert optimizer.get_config()["kl_clip"] == pytest.approx(KL_CLIP)
+    assert keras_kfac.KFAC.from_config(optimizer.get_config()).kl_clip == pytest.approx(KL_CLIP)
