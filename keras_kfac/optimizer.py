@@ -92,8 +92,8 @@ class KFAC(keras.optimizers.Optimizer):
             B the global batch of the first step (examples per replica × replicas ×
             gradient_accumulation_steps), read once at that step (b = 1 until then): a 1/t
             decay from 3e-3, 1.5e-3 at step 400 at batch 128 and below, slower above 128; with
-            kl_clip="auto" the step is also KL-clipped at 1e-3.  None: α is chosen each step by minimizing the quadratic
-            model (see `keras_kfac.quadratic`).
+            kl_clip="auto" the step is also KL-clipped at 1e-3.  None: α is chosen each step by
+            minimizing the quadratic model (see `keras_kfac.quadratic`).
         momentum: momentum μ on the step, in [0, 1), in the form `momentum_form` says.  None: μ
             is chosen each step with α from the 2×2 system of the quadratic model over
             δ = −αU + μδ₀ (heavy-ball), kept in [0, 0.99].
