@@ -47,12 +47,12 @@ def data(count=1024):
     return x, rng.integers(0, 3, size=count)
 
 
-def build(optimizer):
+def build(optimizer, width=8, activation="tanh"):
     keras.utils.set_random_seed(7)
     model = keras_kfac.Sequential(
         [
             keras.Input((6,)),
-            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(width, activation=activation),
             keras.layers.LayerNormalization(),
             keras.layers.Dense(3),
         ]
@@ -84,16 +84,7 @@ def test_the_auto_clip_binds_and_is_the_given_clip():
     the weights match a run given both by hand and differ from one without the clip."""
 
     def run(optimizer):
-        keras.utils.set_random_seed(7)
-        model = keras_kfac.Sequential(
-            [
-                keras.Input((6,)),
-                keras.layers.Dense(512, activation="relu"),
-                keras.layers.LayerNormalization(),
-                keras.layers.Dense(3),
-            ]
-        )
-        model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model = build(optimizer, width=512, activation="relu")
         x, y = data(32 * 3)
         nus = []
         record = keras.callbacks.LambdaCallback(
