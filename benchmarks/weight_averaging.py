@@ -80,6 +80,8 @@ class AveragedEvaluation(keras.callbacks.Callback):
             return
         raw = [w.numpy() for w in self.weights]
         record = {"step": self.step, "raw": self.accuracy()}
+        if logs and "kl_clip_factor" in logs:  # the step's KL-clip factor ν (1: the clip did not bind)
+            record["kl_clip_factor"] = round(float(logs["kl_clip_factor"]), 5)
         for name in AVERAGES:
             for average, weight in zip(self.averages[name], self.weights):
                 weight.assign(average)

@@ -131,7 +131,12 @@ class KFAC(keras.optimizers.Optimizer):
             α ≥ 0 and 0 ≤ μ ≤ 0.99.
         min_damping, max_damping: bounds of the adapted λ.
         graft: None, "adam" or "sgd": keep each block's K-FAC direction, rescaled to the norm
-            of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block.
+            of the Adam (g / (√v̂ + ε)) or SGD (g) direction for that block; None keeps the
+            natural-gradient length lr·U.  "auto" (the default): None when the step is KL-clipped
+            (kl_clip set, learning_rate not None), so that the clip alone bounds its length, and
+            "adam" otherwise (a given rate then means an Adam-length step).  The default fallback
+            stays Adam at the rate, so with a natural-gradient-sized rate (0.1, say) and a KL clip,
+            give graft=None (an SGD fallback) or a `fallback`.
         stats_batch_size: compute the statistics from a forward and backward pass of the first
             k examples of each batch alone, on statistics steps (None: from the whole batch).
         curvature_batch_size: with learning_rate=None, momentum=None or adapt_damping=True, the
@@ -141,7 +146,7 @@ class KFAC(keras.optimizers.Optimizer):
         stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
             output locations per example (None: all of them); G always uses all.
         fallback: Keras optimizer (instance, name or config) for variables without a block.
-            Default: Adam at this optimizer's learning rate with graft="adam", else SGD with
+            Default: Adam at this optimizer's learning rate with graft="adam" or "auto", else SGD with
             its learning rate and momentum; either gets this optimizer's weight decay (and
             `exclude_from_weight_decay`) and gradient accumulation.  Clipping applies to all
             raw gradients together before either optimizer sees them.
@@ -190,7 +195,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping_mode="factored",
         kl_clip="auto",
         adapt_damping=False,
-        graft="adam",
+        graft="auto",
         stats_batch_size=32,
         curvature_batch_size=None,
         stats_locations=None,
@@ -258,7 +263,10 @@ class KFAC(keras.optimizers.Optimizer):
         args.check_number("max_damping", max_damping, low=0.0, low_open=True)
         if min_damping > max_damping:
             raise ValueError(f"`min_damping` ({min_damping}) must not exceed `max_damping` ({max_damping}).")
-        args.check_choice("graft", graft, GRAFT_TYPES)
+        graft_auto = graft == "auto"
+        if graft_auto:
+            graft = None if kl_clip is not None and not auto_learning_rate else "adam"
+        args.check_choice("graft", graft, GRAFT_TYPES + ("auto",))
         if stats_batch_size is not None:
             args.check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
         if curvature_batch_size is not None:
@@ -318,6 +326,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.adapt_damping = bool(adapt_damping)
         self.damping_from_factors = damping_from_factors
         self.graft = graft
+        self.graft_auto = graft_auto
         self.stats_batch_size = stats_batch_size
         self.curvature_batch_size = curvature_batch_size
         self.stats_locations = stats_locations
@@ -496,7 +505,7 @@ class KFAC(keras.optimizers.Optimizer):
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             name=f"{self.name}_fallback",
         )
-        if self.graft == "adam":
+        if self.graft == "adam" or self.graft_auto:
             fallback = keras.optimizers.Adam(beta_1=0.9, beta_2=graft.ADAM_BETA_2, epsilon=graft.ADAM_EPSILON, **shared)
         else:
             fallback = keras.optimizers.SGD(momentum=self.momentum, **shared)  # 0 with momentum=None
@@ -1086,7 +1095,7 @@ class KFAC(keras.optimizers.Optimizer):
                 # "auto" only while it still resolves to the same clip (a set rate ends "auto")
                 "kl_clip": "auto" if self.kl_clip_from_rate and self.learning_rate_from_batch else self.kl_clip,
                 "adapt_damping": self.adapt_damping,
-                "graft": self.graft,
+                "graft": "auto" if self.graft_auto else self.graft,  # resolves alike from the rest
                 "stats_batch_size": self.stats_batch_size,
                 "curvature_batch_size": self.curvature_batch_size,
                 "stats_locations": self.stats_locations,
