@@ -22,6 +22,16 @@ def check_number(name: str, value, low=None, high=None, low_open=False, high_ope
         raise ValueError(f"`{name}` must be in {left}{lo}, {hi}{right}; received {name}={value!r}.")
 
 
+def is_auto(name: str, value, otherwise: str) -> bool:
+    """True when `value` is the string "auto"; any other string is a ValueError saying that `name`
+    must be `otherwise` or 'auto'."""
+    if not isinstance(value, str):
+        return False
+    if value != "auto":
+        raise ValueError(f"`{name}` must be {otherwise} or 'auto'; received {name}={value!r}.")
+    return True
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {tuple(choices)}; received {name}={value!r}.")

@@ -220,13 +220,9 @@ class KFAC(keras.optimizers.Optimizer):
         **kwargs,
     ):
         auto_learning_rate, auto_momentum = learning_rate is None, momentum is None
-        learning_rate_from_batch = isinstance(learning_rate, str)
+        rate_kinds = "a number, a LearningRateSchedule, None"
+        learning_rate_from_batch = args.is_auto("learning_rate", learning_rate, rate_kinds)
         if learning_rate_from_batch:
-            if learning_rate != "auto":
-                raise ValueError(
-                    "`learning_rate` must be a number, a LearningRateSchedule, None or 'auto'; "
-                    f"received learning_rate={learning_rate!r}."
-                )
             learning_rate = BASE_LEARNING_RATE  # until the first step sets it from the batch
         if auto_learning_rate:
             learning_rate = 1.0  # a variable that holds the chosen α
@@ -247,10 +243,8 @@ class KFAC(keras.optimizers.Optimizer):
         args.check_number("inverse_every", inverse_every, low=1, integer=True)
         args.check_choice("fisher", fisher, FISHER_TYPES)
         args.check_choice("damping_mode", damping_mode, tuple(INVERSIONS))
-        kl_clip_from_rate = isinstance(kl_clip, str)
+        kl_clip_from_rate = args.is_auto("kl_clip", kl_clip, "a positive number, None")
         if kl_clip_from_rate:
-            if kl_clip != "auto":
-                raise ValueError(f"`kl_clip` must be a positive number, None or 'auto'; received kl_clip={kl_clip!r}.")
             kl_clip = AUTO_KL_CLIP if learning_rate_from_batch else None
         if kl_clip is not None:
             args.check_number("kl_clip", kl_clip, low=0.0, low_open=True)
