@@ -19,9 +19,9 @@ quarter of the step time on CPU).  The protocol is `compare_optimizers.py`'s (`c
    momentum for 2-D kernels, i.e. the MLP layers; its AdamW step for everything else: the 3-D
    MultiHeadAttention kernels, the convolution, the embedding, the norms and the softmax head,
    which `exclude_layers` leaves to AdamW as Keras advises).  K-FAC is not swept:
-   `KFAC(weight_sharing="expand")` (row `kfac_expand`) and `KFAC(weight_sharing="reduce")` (row
-   `kfac_reduce`, the same as `KFAC()` since this benchmark chose it as the default), package
-   defaults otherwise.
+   `KFAC(weight_sharing="expand")` (row `kfac_expand`, the same as `KFAC()`: this benchmark chose
+   it as the default, with the default step of 2026-12-04 evening) and
+   `KFAC(weight_sharing="reduce")` (row `kfac_reduce`), package defaults otherwise.
 2. **Runs**: every kind trains on the full training set for `--epochs` epochs from the same
    initial weights (per seed) and the same batches.  Train loss every step, test accuracy
    `--evals-per-epoch` times an epoch (all 10,000 test images), wall-clock of the training steps

@@ -9,9 +9,9 @@ Embedding, four pre-LN Transformer blocks (MultiHeadAttention, gelu MLP) of widt
 pooling and a softmax head, 138,890 parameters, all of them under K-FAC curvature blocks
 (`model.kfac_summary()` is printed).  K-FAC runs with `keras_kfac.KFAC()` and no arguments
 but `--weight-sharing`: how the layers applied to every token (the attention projections and
-the MLP) treat the shared positions, "reduce" (per image, inputs averaged and output gradients
-summed over the tokens; the package default, chosen by `benchmarks/vit.py`) or "expand" (every
-token a row of the factors).
+the MLP) treat the shared positions, "expand" (every token a row of the factors; the package
+default, chosen by `benchmarks/vit.py`) or "reduce" (per image, inputs averaged and output
+gradients summed over the tokens).
 The first-order optimizers take a constant learning rate of 1e-3 (Keras' default; not tuned:
 `benchmarks/vit.py` sweeps them); Muon leaves the softmax head to its AdamW step, as Keras advises.
 The data come from tensorflow-datasets when it can download, else from the official IDX files
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
         "--weight-sharing",
         choices=["expand", "reduce"],
         default=None,
-        help="K-FAC only: KFAC-reduce (the package default) or KFAC-expand for the layers applied to every token",
+        help="K-FAC only: KFAC-expand (the package default) or KFAC-reduce for the layers applied to every token",
     )
     parser.add_argument("--depth", type=positive_int, default=4, help="Transformer blocks (4: the benchmarked model)")
     add_training_arguments(parser)

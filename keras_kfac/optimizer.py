@@ -170,7 +170,7 @@ class KFAC(keras.optimizers.Optimizer):
         weight_sharing: layers applied over shared positions (Dense on sequences, EinsumDense):
             "expand" (every position a row) or "reduce" (per example, inputs averaged and output
             gradients summed over the positions; Eschenhagen et al. 2023). None: each block's
-            default, "reduce" for Dense and EinsumDense (the ViT benchmark, BENCHMARKS.md).
+            default, "expand" for Dense and EinsumDense (the ViT benchmark, BENCHMARKS.md).
         inverse_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.
         inverse_dtype: dtype of the eigendecompositions/inverses, "float32" or "float64".
         statistics_jit: "auto" (XLA on GPU/TPU, plain on CPU), True or False.

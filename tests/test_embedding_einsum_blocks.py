@@ -140,13 +140,13 @@ def _einsum_model(t, d):
 
 @pytest.mark.parametrize(
     "sharing, mode",
-    [("expand", "eigen"), ("expand", "factored"), ("reduce", "eigen"), ("reduce", "factored"), (None, "eigen")],
+    [("expand", "eigen"), ("expand", "factored"), ("reduce", "eigen"), ("reduce", "factored"), (None, "factored")],
 )
 def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode):
     """Factors and the updated kernels/biases of every layer, for equations with several
     input/output feature axes, a kernel whose output axis comes first and a bias of shape
     (F, 1), with either weight-sharing approximation; without one (None), the step is
-    KFAC-reduce's, the blocks' default."""
+    KFAC-expand's, the blocks' default."""
     rng = np.random.default_rng(3)
     m, t, d = 6, 4, 3
     x = rng.normal(size=(m, t, d)).astype("float32")
@@ -154,7 +154,7 @@ def test_einsum_dense_and_sequence_dense_step_matches_numpy(sharing, mode):
     model = _einsum_model(t, d)
     layers = {layer.name: layer for layer in model.layers if layer.weights}
     weights = {name: (_f64(layer.kernel.numpy()), _f64(layer.bias.numpy())) for name, layer in layers.items()}
-    used = sharing or "reduce"
+    used = sharing or "expand"
     expected = einsum_reference(_f64(x), y, weights, used, mode)
     opt = exact_kfac(learning_rate=LR, damping=DAMPING, damping_mode=mode, weight_sharing=sharing)
     # Compiled (graph) for eigen, eager for factored: both step paths, at half the compile time.
@@ -307,9 +307,9 @@ def test_ellipsis_einsum_gives_the_factors_of_the_equivalent_dense():
         got = einsum_cls(einsum).batch_statistics([x], [g], 4)
         for e, o in zip(expected, got):
             np.testing.assert_allclose(o.numpy(), e.numpy(), rtol=1e-5, atol=1e-6)
-    # Reduce (the default) differs from expand on sequences, against the float64 definitions.
+    # Expand (the default) differs from reduce on sequences, against the float64 definitions.
     x64, g64 = _f64(x), _f64(g)
-    defaults = ((EinsumDenseBlock, "reduce"), (EinsumDenseExpandBlock, "expand"), (EinsumDenseReduceBlock, "reduce"))
+    defaults = ((EinsumDenseBlock, "expand"), (EinsumDenseExpandBlock, "expand"), (EinsumDenseReduceBlock, "reduce"))
     stats = {}
     for cls, sharing in defaults:
         a, gg = _factors(x64, g64, True, sharing)
@@ -317,8 +317,8 @@ def test_ellipsis_einsum_gives_the_factors_of_the_equivalent_dense():
         stats[cls] = block.batch_statistics([x], [g], 4)
         assert block.weight_sharing == sharing
         assert ref.rel_err(stats[cls][0].numpy(), a) < 1e-5 and ref.rel_err(stats[cls][1].numpy(), gg) < 1e-5
-    assert not np.allclose(stats[EinsumDenseExpandBlock][1].numpy(), stats[EinsumDenseBlock][1].numpy())
-    assert EinsumDenseBlock(einsum, weight_sharing="expand").weight_sharing == "expand"
+    assert not np.allclose(stats[EinsumDenseReduceBlock][1].numpy(), stats[EinsumDenseBlock][1].numpy())
+    assert EinsumDenseBlock(einsum, weight_sharing="reduce").weight_sharing == "reduce"
     with pytest.raises(ValueError, match="weight_sharing"):
         EinsumDenseBlock(einsum, weight_sharing="sum")
 
@@ -357,8 +357,8 @@ def test_weight_sharing_option_reaches_the_blocks():
     hidden = keras.layers.EinsumDense("abc,cd->abd", output_shape=(None, 5), bias_axes="d")(inputs)
     outputs = keras.layers.Dense(2)(keras.layers.Dense(3)(hidden))
     model = keras_kfac.Model(inputs, outputs)
-    # None: each block's default, KFAC-reduce for Dense and EinsumDense.
-    for option, used in (("reduce", "reduce"), (None, "reduce"), ("expand", "expand")):
+    # None: each block's default, KFAC-expand for Dense and EinsumDense.
+    for option, used in (("reduce", "reduce"), (None, "expand"), ("expand", "expand")):
         opt = keras_kfac.KFAC(weight_sharing=option)
         model.compile(optimizer=opt, loss="mse")
         opt.build(model.trainable_variables)
@@ -407,7 +407,7 @@ def test_transformer_classifier_trains_with_kfac_and_lists_the_attention_project
 
 
 @pytest.mark.parametrize(
-    "sharing, named", [(None, "KFAC-reduce"), ("reduce", "KFAC-reduce"), ("expand", "KFAC-expand")]
+    "sharing, named", [(None, "KFAC-expand"), ("reduce", "KFAC-reduce"), ("expand", "KFAC-expand")]
 )
 def test_transformer_summary_names_the_weight_sharing(sharing, named):
     model = _transformer(20, 8)

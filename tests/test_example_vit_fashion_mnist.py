@@ -32,18 +32,18 @@ def _synthetic(batch_size, data_dir=None, shuffle_seed=None):
     return train, test
 
 
-def test_vit_example_trains_with_kfac_expand(monkeypatch, capsys):
+def test_vit_example_trains_with_kfac_reduce(monkeypatch, capsys):
     example = _example(monkeypatch)
     # The data are loaded by the sibling example's train_and_evaluate, which the ViT example reuses.
     monkeypatch.setattr(sys.modules["fashion_mnist"], "fashion_mnist", _synthetic)
     # One Transformer block instead of four keeps the tracing of the K-FAC step short.
     args = ["--epochs", "2", "--steps-per-epoch", "3", "--batch-size", "32", "--depth", "1", "--verbose", "0"]
-    # Not the package default (KFAC-reduce): the option must reach the blocks.
-    result = example.main(args + ["--weight-sharing", "expand"])
+    # Not the package default (KFAC-expand): the option must reach the blocks.
+    result = example.main(args + ["--weight-sharing", "reduce"])
     out = capsys.readouterr().out
-    assert "KFAC-expand" in out and "KFAC-reduce" not in out  # the summary names the weight sharing
+    assert "KFAC-reduce" in out and "KFAC-expand" not in out  # the summary names the weight sharing
     assert "Trainable parameters under curvature blocks: 38,474 of 38,474 (100.0%)" in out
-    assert "(kfac, expand, 2 epochs)" in out
+    assert "(kfac, reduce, 2 epochs)" in out
     assert len(result["history"]["loss"]) == 2
     assert all(math.isfinite(v) for v in result["history"]["loss"])
     assert result["history"]["skipped_steps"][-1] == 0
@@ -73,5 +73,5 @@ def test_vit_example_first_order_optimizers(monkeypatch):
 
     names = {name: type(example.make_optimizer(name)).__name__ for name in ("adamw", "adam", "muon")}
     assert names == {"adamw": "AdamW", "adam": "Adam", "muon": "Muon"}
-    assert example.make_optimizer("kfac", "reduce").weight_sharing == "reduce"
+    assert example.make_optimizer("kfac", "expand").weight_sharing == "expand"
     assert isinstance(example.make_optimizer("kfac"), keras.optimizers.Optimizer)

@@ -77,7 +77,7 @@ def test_vit_layout_and_documented_parameter_count():
         vit(patch_size=5)
 
 
-@pytest.mark.parametrize("weight_sharing", [None, "expand"])
+@pytest.mark.parametrize("weight_sharing", [None, "reduce"])
 def test_vit_parameters_are_all_under_curvature_blocks(weight_sharing):
     model = vit()
     model.compile(optimizer=keras_kfac.KFAC(weight_sharing=weight_sharing), loss="sparse_categorical_crossentropy")

@@ -1,11 +1,11 @@
 """K-FAC block of a `keras.layers.Dense` layer (Martens & Grosse 2015).
 
 Inputs of rank > 2 (e.g. (batch, time, features)) have positions shared by the weights. With
-KFAC-reduce (the default; Eschenhagen et al. 2023) each example gives one row: ā the mean of its
-positions' inputs, g the sum of its positions' output gradients. With KFAC-expand
-(`KFAC(weight_sharing="expand")`, or `DenseExpandBlock`) they are treated like convolution
-locations: A averages over examples and positions, G sums over positions and averages over
-examples. On rank-2 inputs both are plain K-FAC. (`keras_kfac.blocks.weight_sharing`.)
+KFAC-expand (the default; Eschenhagen et al. 2023) they are treated like convolution locations:
+A averages over examples and positions, G sums over positions and averages over examples. With
+KFAC-reduce (`KFAC(weight_sharing="reduce")`, or `DenseReduceBlock`) each example gives one row:
+ā the mean of its positions' inputs, g the sum of its positions' output gradients. On rank-2
+inputs both are plain K-FAC. (`keras_kfac.blocks.weight_sharing`.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class DenseBlock(KroneckerBlock):
             pre = ops.add(pre, self.layer.bias)
         return pre
 
-    weight_sharing = "reduce"
+    weight_sharing = "expand"
 
     def __init__(self, layer, options=None, weight_sharing: str | None = None):
         super().__init__(layer, options)

@@ -18,12 +18,13 @@ With ā_{n,p} the input features of example n at position p (and a 1 appended fo
 g_{n,p} the gradient of example n's own loss with respect to the pre-activation at p, and m
 examples:
 
-- KFAC-expand (`weight_sharing="expand"`, `EinsumDenseExpandBlock`, `DenseExpandBlock`): every
-  position is a row, as a convolution location is:
+- KFAC-expand (`weight_sharing="expand"`, the default of `EinsumDenseBlock` and `DenseBlock`,
+  chosen by the ViT benchmark of BENCHMARKS.md): every position is a row, as a convolution
+  location is:
       A = 1/(m P) Σ_n Σ_p ā_{n,p} ā_{n,p}ᵀ,    G = (1/m) Σ_n Σ_p g_{n,p} g_{n,p}ᵀ.
-- KFAC-reduce (`weight_sharing="reduce"`, the default of `EinsumDenseBlock` and `DenseBlock`,
-  chosen by the ViT benchmark of BENCHMARKS.md): one row per example, the inputs averaged and the
-  output gradients summed over the positions before the outer products (the paper's
+- KFAC-reduce (`weight_sharing="reduce"`, `EinsumDenseReduceBlock`, `DenseReduceBlock`): one row
+  per example, the inputs averaged and the output gradients summed over the positions before the
+  outer products (the paper's
   K-FAC-reduce; as there, A is normalised by the number of examples, and G by m as in every
   block of this package, i.e. for a loss that is a mean over examples):
       ā_n = (1/P) Σ_p ā_{n,p},  A = (1/m) Σ_n ā_n ā_nᵀ,
@@ -53,17 +54,17 @@ from keras_kfac.blocks.weight_sharing import choose_sharing, input_rank, shared_
 
 # ------------------------------------------------------------------------------- Dense
 class DenseReduceBlock(DenseBlock):
-    """`DenseBlock` with KFAC-reduce as its class default, which is now `DenseBlock`'s own; kept
-    so that registrations naming it go on working."""
+    """`DenseBlock` with KFAC-reduce as its class default (`keras_kfac.blocks.weight_sharing`),
+    e.g. `register_block(keras.layers.Dense, DenseReduceBlock)`; identical to `DenseBlock` on
+    rank-2 inputs."""
 
     kind = "DenseReduceBlock"
     weight_sharing = "reduce"
 
 
 class DenseExpandBlock(DenseBlock):
-    """`DenseBlock` with KFAC-expand as its class default (`keras_kfac.blocks.weight_sharing`),
-    e.g. `register_block(keras.layers.Dense, DenseExpandBlock)`; identical to `DenseBlock` on
-    rank-2 inputs."""
+    """`DenseBlock` with KFAC-expand as its class default, which is `DenseBlock`'s own again; kept
+    so that registrations naming it go on working."""
 
     kind = "DenseExpandBlock"
     weight_sharing = "expand"
@@ -155,10 +156,10 @@ class EinsumLayout:
 
 
 class EinsumDenseBlock(KroneckerBlock):
-    """K-FAC block of `keras.layers.EinsumDense` (module doc), KFAC-reduce by default."""
+    """K-FAC block of `keras.layers.EinsumDense` (module doc), KFAC-expand by default."""
 
     kind = "EinsumDenseBlock"
-    weight_sharing = "reduce"
+    weight_sharing = "expand"
 
     def __init__(self, layer, options: BlockOptions | None = None, weight_sharing: str | None = None):
         super().__init__(layer, options)
@@ -234,15 +235,15 @@ class EinsumDenseBlock(KroneckerBlock):
 
 
 class EinsumDenseReduceBlock(EinsumDenseBlock):
-    """`EinsumDenseBlock` with KFAC-reduce as its class default, which is now `EinsumDenseBlock`'s
-    own; kept so that registrations naming it go on working."""
+    """`EinsumDenseBlock` with KFAC-reduce as its class default (module doc)."""
 
     kind = "EinsumDenseReduceBlock"
     weight_sharing = "reduce"
 
 
 class EinsumDenseExpandBlock(EinsumDenseBlock):
-    """`EinsumDenseBlock` with KFAC-expand as its class default (module doc)."""
+    """`EinsumDenseBlock` with KFAC-expand as its class default, which is `EinsumDenseBlock`'s own
+    again; kept so that registrations naming it go on working."""
 
     kind = "EinsumDenseExpandBlock"
     weight_sharing = "expand"

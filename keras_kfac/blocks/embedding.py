@@ -9,7 +9,7 @@ example n's own loss with respect to the looked-up vector and m examples:
     A = (1/n_rows) Σ_{n,p} e_t e_tᵀ = diag(count of each id / n_rows)   (token frequencies)
     G = (1/m) Σ_n Σ_p g_{n,p} g_{n,p}ᵀ                                    (d×d)
 
-(KFAC-expand over the positions, as `DenseExpandBlock`, whatever `weight_sharing` says: the
+(KFAC-expand over the positions, as `DenseBlock` by default, whatever `weight_sharing` says: the
 mean of one-hot rows that KFAC-reduce would take is not diagonal).  A is diagonal exactly, so it is always
 kept as a `DiagonalFactor` (O(vocabulary) memory, whatever `max_factor_size` says); G is dense
 unless d exceeds `max_factor_size`.  With `mask_zero=True` the padding id 0 is still looked up

@@ -9,9 +9,10 @@ projection) sees per example a (P, features) block of inputs and of output gradi
   positions: A = (1/m) Σ_n ā_n ā_nᵀ with ā_n the mean, G = (1/m) Σ_n ĝ_n ĝ_nᵀ with ĝ_n the sum.
 
 A block's mode is its constructor argument, else `KFAC(weight_sharing=...)` (the block options),
-else the block class's default: "reduce" for `DenseBlock` and `EinsumDenseBlock` (chosen by the
-ViT benchmark, BENCHMARKS.md "Vision Transformer on Fashion-MNIST": higher test accuracy on each
-of three seeds at the same step time), "expand" for `DenseExpandBlock`/`EinsumDenseExpandBlock`.
+else the block class's default: "expand" for `DenseBlock` and `EinsumDenseBlock` (chosen by the
+ViT benchmark, BENCHMARKS.md "Vision Transformer on Fashion-MNIST": with the default step, higher
+test accuracy on each of three seeds at the same step time), "reduce" for
+`DenseReduceBlock`/`EinsumDenseReduceBlock`.
 Both are plain K-FAC for a layer without shared positions.
 """
 
