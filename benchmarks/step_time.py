@@ -341,6 +341,9 @@ def main(argv=None) -> dict:
     )
     args = parser.parse_args(argv)
     only = None if args.only is None else args.only.split(",")
+    unknown = sorted(set(only or ()) - set(configurations()))
+    if unknown:  # a renamed row (e.g. "kfac (KFAC-expand)", now "kfac (KFAC-reduce)") must not vanish silently
+        parser.error(f"unknown configurations {unknown}; choose among {', '.join(configurations())}")
     if args.no_breakdown and only is None:
         only = []  # the short core alone
     names = args.models.split(",")

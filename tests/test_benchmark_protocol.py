@@ -246,3 +246,17 @@ def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
     retrained = compare.run_benchmark(bench, parser.parse_args(common + ["--resume", "--kinds", "kfac"]), 50)
     assert [r["source_digest"] for r in retrained["runs"]["kfac"]] == ["other sources"]
     assert retrained["runs"]["adam"][0]["losses"] == record["runs"]["adam"][0]["losses"]
+
+
+def test_step_time_rejects_unknown_configurations(capsys):
+    """A row named by `--only` that no longer exists (the KFAC-expand row became the default's and
+    the extra row is KFAC-reduce) is an error, not a run that silently times the core alone."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    assert step_time.configurations()["kfac (KFAC-reduce)"]().weight_sharing == "reduce"
+    with pytest.raises(SystemExit):
+        step_time.main(["--models", "mlp", "--only", "kfac (KFAC-expand)"])
+    assert "unknown configurations ['kfac (KFAC-expand)']" in capsys.readouterr().err
