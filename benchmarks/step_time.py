@@ -340,16 +340,19 @@ def main(argv=None) -> dict:
         "--only", default=None, help="comma-separated configurations to add to the core ones (default: all)"
     )
     args = parser.parse_args(argv)
+
+    def check_known(what: str, given, known) -> None:
+        # A misspelt or renamed name (e.g. the former row "kfac (KFAC-expand)") must not vanish silently.
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            parser.error(f"unknown {what} {unknown}; choose among {', '.join(known)}")
+
     only = None if args.only is None else args.only.split(",")
-    unknown = sorted(set(only or ()) - set(configurations()))
-    if unknown:  # a renamed row (e.g. "kfac (KFAC-expand)", now "kfac (KFAC-reduce)") must not vanish silently
-        parser.error(f"unknown configurations {unknown}; choose among {', '.join(configurations())}")
+    check_known("configurations", only or (), configurations())
     if args.no_breakdown and only is None:
         only = []  # the short core alone
     names = args.models.split(",")
-    unknown = sorted(set(names) - set(MODELS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose among {', '.join(MODELS)}")
+    check_known("models", names, MODELS)
     results = [
         benchmark_model(m, MODELS[m][0], args.rounds, args.steps, only, args.warmup_steps, not args.no_breakdown)
         for m in names

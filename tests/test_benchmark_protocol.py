@@ -3,6 +3,7 @@ grids, the schedules, the optimizers of each row, the schedule-free evaluation p
 against the best first-order row, and a tiny end-to-end run with --sweep-only and --resume."""
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -16,15 +17,18 @@ import keras_kfac
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def modules():
+def _benchmark(name: str):
+    """Imports benchmarks/<name>.py as a module."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
-        import compare_optimizers
-        import vit
+        return importlib.import_module(name)
     finally:
         sys.path.remove(os.path.join(ROOT, "benchmarks"))
-    return compare_optimizers, vit
+
+
+@pytest.fixture(scope="module")
+def modules():
+    return _benchmark("compare_optimizers"), _benchmark("vit")
 
 
 def _check_grid(table, first_order, kfac_rows):
@@ -251,11 +255,7 @@ def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
 def test_step_time_rejects_unknown_configurations(capsys):
     """A row named by `--only` that no longer exists (the KFAC-expand row became the default's and
     the extra row is KFAC-reduce) is an error, not a run that silently times the core alone."""
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    try:
-        import step_time
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    step_time = _benchmark("step_time")
     assert step_time.configurations()["kfac (KFAC-reduce)"]().weight_sharing == "reduce"
     with pytest.raises(SystemExit):
         step_time.main(["--models", "mlp", "--only", "kfac (KFAC-expand)"])
