@@ -3,6 +3,7 @@
     python benchmarks/compare_optimizers.py [--batch-sizes 128,1024] [--epochs 5] [--seeds 0,1,2]
                                             [--kinds kfac,adam,...] [--sweep-steps 0] [--sweep-only]
                                             [--data-dir DIR] [--out benchmarks/results] [--resume]
+                                            [--kfac-args "name=value, ..."]
 
 Rows: `KFAC()` (the package defaults, not tuned here), `kfac_adaptive` (the "no tuning" automatic
 step size, momentum and damping), and Adam, AdamW (Keras' weight decay 0.004), Muon (Keras':
@@ -32,7 +33,8 @@ It writes `<out>/compare_b<batch>.json` after every run (`--resume` keeps the sw
 finished runs when the run settings are unchanged; with other keras_kfac sources the K-FAC rows
 named in `--kinds` are trained again, every other row is kept, and the table names the sources of
 each row;
-`--rerun-kinds a,b` trains those rows again), three PNG plots per batch size (train loss vs
+`--rerun-kinds a,b` trains those rows again; `--kfac-args` adds keyword arguments to every K-FAC
+row, whose saved runs with other settings are then trained again), three PNG plots per batch size (train loss vs
 steps, test accuracy vs steps and vs seconds; mean and min-max band over seeds) and prints a
 table: steps and seconds to the **best first-order optimizer's** final test accuracy (mean over
 seeds; "—" when a seed never gets there), final test accuracy, final train loss (50-step moving
@@ -43,6 +45,7 @@ average), mean step time and its ratio to Adam's.  `--max-steps N` (with a small
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import dataclasses
 import functools
@@ -167,22 +170,50 @@ def training_seconds(step_seconds, step: int) -> float:
 def evaluation_point(model):
     """Inside: the weights a model is evaluated at.  For ScheduleFreeAdamW that is its averaged
     point x = (y − (1 − β₁) z) / β₁ (the model holds the interpolation y; z is the optimizer's
-    "momentum" variable); for every other optimizer the weights as they are."""
+    "momentum" variable); for an optimizer that keeps an average of the weights (`use_ema`, which
+    `KFAC(polynomial_averaging=η)` turns on) that average, which `fit` puts in place of the
+    weights when it ends; for every other optimizer the weights as they are."""
     optimizer = getattr(model, "optimizer", None)
-    if not isinstance(optimizer, keras.optimizers.ScheduleFreeAdamW) or not optimizer.built:
+    pairs = []
+    if optimizer is not None and optimizer.built and int(optimizer.iterations.numpy()) > 0:
+        if getattr(optimizer, "use_ema", False):
+            averages = zip(optimizer._trainable_variables, optimizer._model_variables_moving_average)
+            pairs = [(variable, average.value) for variable, average in averages if average is not None]
+        elif isinstance(optimizer, keras.optimizers.ScheduleFreeAdamW):
+            beta_1 = float(optimizer.beta_1)
+            for variable in model.trainable_variables:
+                z = optimizer._momentums[optimizer._get_variable_index(variable)]
+                pairs.append((variable, (variable.value - (1.0 - beta_1) * z.value) / beta_1))
+    with weights_replaced(pairs):
         yield
-        return
-    beta_1 = float(optimizer.beta_1)
+
+
+@contextlib.contextmanager
+def weights_replaced(pairs):
+    """Inside: each variable of the (variable, value) `pairs` holds its value; restored after."""
     saved = []
-    for variable in model.trainable_variables:
-        z = optimizer._momentums[optimizer._get_variable_index(variable)]
+    for variable, value in pairs:
         saved.append((variable, variable.numpy()))
-        variable.assign((variable.value - (1.0 - beta_1) * z.value) / beta_1)
+        variable.assign(value)
     try:
         yield
     finally:
         for variable, value in saved:
             variable.assign(value)
+
+
+def keyword_arguments(text: str) -> dict:
+    """{name: value} of keyword arguments written as in a call, "a=1, b='x'" (literals only): the
+    --kfac-args of the K-FAC rows."""
+    if not text.strip():
+        return {}
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        if call.args or any(k.arg is None for k in call.keywords):
+            raise ValueError("only name=value pairs")
+        return {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not name=value, ... with literal values ({error})") from None
 
 
 def class_predictor(model) -> tf.types.experimental.GenericFunction:
@@ -656,6 +687,12 @@ def add_arguments(parser: argparse.ArgumentParser, bench: Benchmark, epochs: int
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (saved for --resume)")
     parser.add_argument("--kinds", default=",".join(bench.kinds), help=f"rows to train, among {', '.join(bench.kinds)}")
     parser.add_argument("--rerun-kinds", default="", help="with --resume: train these rows again")
+    parser.add_argument(
+        "--kfac-args",
+        type=keyword_arguments,
+        default={},
+        help="keyword arguments added to every K-FAC row's KFAC(...), such as stats_batch_size=128 (default: none)",
+    )
     parser.add_argument("--evals-per-epoch", type=int, default=10, help="test-set evaluations per epoch")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default="benchmarks/results")
@@ -666,11 +703,18 @@ def add_arguments(parser: argparse.ArgumentParser, bench: Benchmark, epochs: int
     parser.add_argument("--from-json", action="store_true", help="only re-print the table and plots saved in --out")
 
 
-def resumed(path: str, settings: dict, rerun: list, kinds: list) -> tuple[dict, dict, dict]:
+def row_settings(kind: str, chosen: dict, kfac_args: dict) -> dict:
+    """The settings a row trains with: the sweep's choice, and for a K-FAC row `kfac_args` on top."""
+    best = chosen[kind]["best"]
+    return best | kfac_args if kind.startswith("kfac") else best
+
+
+def resumed(path: str, settings: dict, rerun: list, kinds: list, kfac_args: dict) -> tuple[dict, dict, dict]:
     """(sweep, runs, sweep scores) saved at `path` with the same `settings`; runs of `rerun` kinds
     dropped, and those of the K-FAC rows among `kinds` (the rows to train) too when the keras_kfac
-    sources changed. Rows not to be trained keep their runs (and the digest of their sources,
-    which the report names); first-order rows are always kept."""
+    sources changed or they trained with other settings than `row_settings(..., kfac_args)`. Rows
+    not to be trained keep their runs (and the digest of their sources and their settings, which
+    the report names); first-order rows are always kept."""
     if not os.path.exists(path):
         return {}, {}, {}
     with open(path) as f:
@@ -681,9 +725,14 @@ def resumed(path: str, settings: dict, rerun: list, kinds: list) -> tuple[dict, 
     for kind, done in saved["runs"].items():
         for run in done:
             run.setdefault("source_digest", saved.get("source_digest"))
-        stale = kind.startswith("kfac") and kind in kinds and any(r["source_digest"] != source_digest() for r in done)
+        stale = False
+        if kind.startswith("kfac") and kind in kinds:
+            if any(r["source_digest"] != source_digest() for r in done):
+                stale = "are from other keras_kfac sources"
+            elif any(r["settings"] != row_settings(kind, saved["sweep"], kfac_args) for r in done):
+                stale = "trained with other settings"
         if stale:
-            print(f"  {kind}: saved runs are from other keras_kfac sources; training them again", flush=True)
+            print(f"  {kind}: saved runs {stale}; training them again", flush=True)
         runs[kind] = [] if kind in rerun or stale else done
     return saved["sweep"], runs, saved.get("sweep_scores", {})
 
@@ -720,7 +769,7 @@ def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
         f"# {bench.name} {' '.join(sys.argv[1:])}, batch {batch_size} — {time.strftime('%Y-%m-%d %H:%M')}", flush=True
     )
     rerun = [k for k in args.rerun_kinds.split(",") if k]
-    chosen, saved_runs, scores = resumed(path, settings, rerun, kinds) if args.resume else ({}, {}, {})
+    chosen, saved_runs, scores = resumed(path, settings, rerun, kinds, args.kfac_args) if args.resume else ({}, {}, {})
     missing = {kind: bench.table[kind] for kind in kinds if kind not in chosen}
     runs = {kind: [] for kind in bench.kinds} | saved_runs
 
@@ -737,7 +786,7 @@ def run_benchmark(bench: Benchmark, args, batch_size: int) -> dict | None:
         for kind in kinds:
             if any(r["seed"] == seed for r in runs[kind]):
                 continue
-            settings_of_row = chosen[kind]["best"]
+            settings_of_row = row_settings(kind, chosen, args.kfac_args)
             result = train(
                 kind,
                 settings_of_row,

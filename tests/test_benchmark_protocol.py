@@ -116,6 +116,47 @@ def test_schedule_free_follows_its_paper_and_is_evaluated_at_its_average(modules
         np.testing.assert_array_equal(adam.layers[0].kernel.numpy(), before)
 
 
+def test_weight_average_is_evaluated_in_place_of_the_weights(modules):
+    """A K-FAC run with `polynomial_averaging=0` (the plain mean of the weights after each step) is
+    evaluated at that mean, checked against the float64 mean of the weights seen after steps 1..4;
+    the weights themselves come back afterwards."""
+    compare, _ = modules
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(32, 3)).astype("float32"), rng.integers(0, 2, size=32)
+    model = keras_kfac.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer=keras_kfac.KFAC(polynomial_averaging=0.0), loss="sparse_categorical_crossentropy")
+    seen, shown, restored = [], [], []
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            kernel = self.model.layers[0].kernel
+            seen.append(kernel.numpy().astype(np.float64))
+            with compare.evaluation_point(self.model):
+                shown.append(kernel.numpy())
+            restored.append(kernel.numpy())
+
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[Probe()])
+    assert len(seen) == 4
+    for step in range(4):
+        np.testing.assert_allclose(shown[step], np.mean(seen[: step + 1], axis=0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(restored[step], seen[step])
+    assert not np.allclose(shown[-1], seen[-1], atol=1e-5)
+
+
+def test_kfac_args_are_keyword_arguments(modules):
+    compare, _ = modules
+    parsed = compare.keyword_arguments("stats_batch_size=128, stats_locations=16, polynomial_averaging=8.0")
+    assert parsed == {"stats_batch_size": 128, "stats_locations": 16, "polynomial_averaging": 8.0}
+    assert compare.keyword_arguments(' damping_mode="eigen" ') == {"damping_mode": "eigen"}
+    assert compare.keyword_arguments("") == {}
+    for bad in ("128", "stats_batch_size=n", "a=1,, b=2", "**x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            compare.keyword_arguments(bad)
+    chosen = {"kfac": {"best": {"seed": 1}}, "adam": {"best": {"learning_rate": 1e-3}}}
+    assert compare.row_settings("kfac", chosen, {"damping": 1e-3}) == {"seed": 1, "damping": 1e-3}
+    assert compare.row_settings("adam", chosen, {"damping": 1e-3}) == {"learning_rate": 1e-3}
+
+
 def _run(kind, seed, accuracies, step_ms):
     return {
         "kind": kind,
@@ -250,6 +291,15 @@ def test_sweep_only_then_resume(modules, tmp_path, monkeypatch):
     retrained = compare.run_benchmark(bench, parser.parse_args(common + ["--resume", "--kinds", "kfac"]), 50)
     assert [r["source_digest"] for r in retrained["runs"]["kfac"]] == ["other sources"]
     assert retrained["runs"]["adam"][0]["losses"] == record["runs"]["adam"][0]["losses"]
+    # Other --kfac-args: the K-FAC row is trained again with them; the same ones keep it.
+    with_args = common + ["--resume", "--kinds", "kfac", "--kfac-args", "damping=1e-3"]
+    other = compare.run_benchmark(bench, parser.parse_args(with_args), 50)
+    assert [r["settings"] for r in other["runs"]["kfac"]] == [{"damping": 1e-3}]
+    assert other["runs"]["kfac"][0]["losses"] != retrained["runs"]["kfac"][0]["losses"]
+    monkeypatch.setattr(compare, "train", lambda *args, **kwargs: pytest.fail("trained a kept row again"))
+    same = compare.run_benchmark(bench, parser.parse_args(with_args), 50)
+    assert same["runs"]["kfac"][0]["losses"] == other["runs"]["kfac"][0]["losses"]
+    assert same["runs"]["adam"][0]["losses"] == record["runs"]["adam"][0]["losses"]
 
 
 def test_step_time_rejects_unknown_configurations(capsys):
