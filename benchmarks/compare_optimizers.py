@@ -172,7 +172,8 @@ def evaluation_point(model):
     point x = (y − (1 − β₁) z) / β₁ (the model holds the interpolation y; z is the optimizer's
     "momentum" variable); for an optimizer that keeps an average of the weights (`use_ema`, which
     `KFAC(polynomial_averaging=η)` turns on) that average, which `fit` puts in place of the
-    weights when it ends; for every other optimizer the weights as they are."""
+    weights when it ends; for every other optimizer the weights as they are.  Yields whether the
+    weights were replaced."""
     optimizer = getattr(model, "optimizer", None)
     pairs = []
     if optimizer is not None and optimizer.built and int(optimizer.iterations.numpy()) > 0:
@@ -185,7 +186,7 @@ def evaluation_point(model):
                 z = optimizer._momentums[optimizer._get_variable_index(variable)]
                 pairs.append((variable, (variable.value - (1.0 - beta_1) * z.value) / beta_1))
     with weights_replaced(pairs):
-        yield
+        yield bool(pairs)
 
 
 @contextlib.contextmanager
@@ -237,7 +238,8 @@ def batch_loss(batch: int, epoch_mean: float, previous_mean: float) -> float:
 
 
 class Recorder(keras.callbacks.Callback):
-    """Per-step train loss (recovered from Keras' running mean), step time, periodic evaluation."""
+    """Per-step train loss (recovered from Keras' running mean), step time, periodic evaluation
+    (at `evaluation_point`; where that is an average, of the weights as well)."""
 
     def __init__(self, eval_every: int, eval_data, max_steps: int | None = None):
         super().__init__()
@@ -270,9 +272,12 @@ class Recorder(keras.callbacks.Callback):
         # also builds a data pipeline per call and resets the metrics `fit` is accumulating.
         if self._predict is None:
             self._predict = class_predictor(self.model)
-        with evaluation_point(self.model):
+        with evaluation_point(self.model) as replaced:
             share = accuracy(self._predict, *self.eval_data)
-        self.evals.append({"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": share})
+        entry = {"step": step, "seconds": training_seconds(self.step_seconds, step), "accuracy": share}
+        if replaced:  # evaluated at an average: the weights themselves too (not in the tables)
+            entry["weights_accuracy"] = accuracy(self._predict, *self.eval_data)
+        self.evals.append(entry)
 
 
 def train(

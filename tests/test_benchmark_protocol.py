@@ -141,6 +141,21 @@ def test_weight_average_is_evaluated_in_place_of_the_weights(modules):
         np.testing.assert_allclose(shown[step], np.mean(seen[: step + 1], axis=0), rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(restored[step], seen[step])
     assert not np.allclose(shown[-1], seen[-1], atol=1e-5)
+    # The recorder evaluates at the average and, beside it, at the weights: with the average's
+    # kernel set to minus the weights' and labels that the weights predict, 1 and 0.
+    kernel, optimizer = model.layers[0].kernel, model.optimizer
+    kernel.assign(seen[-1].astype("float32"))
+    model.layers[0].bias.assign(np.zeros(2, "float32"))
+    optimizer._model_variables_moving_average[optimizer._get_variable_index(kernel)].assign(-kernel.value)
+    optimizer._model_variables_moving_average[optimizer._get_variable_index(model.layers[0].bias)].assign([0.0, 0.0])
+    images = rng.normal(size=(64, 3)).astype("float32")
+    labels = np.argmax(images @ seen[-1], axis=1)
+    recorder = compare.Recorder(eval_every=1, eval_data=(images, labels))
+    recorder.set_model(model)
+    recorder.step_seconds = [0.0]
+    recorder.evaluate(1)
+    assert recorder.evals[-1]["weights_accuracy"] == 1.0 and recorder.evals[-1]["accuracy"] == 0.0
+    np.testing.assert_array_equal(kernel.numpy(), seen[-1].astype("float32"))
 
 
 def test_kfac_args_are_keyword_arguments(modules):
