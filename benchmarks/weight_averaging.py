@@ -78,16 +78,12 @@ class AveragedEvaluation(keras.callbacks.Callback):
                 average.assign_add(rate * (weight.value - average))
         if self.step % self.eval_every and self.step != self.last_step:
             return
-        raw = [w.numpy() for w in self.weights]
         record = {"step": self.step, "raw": self.accuracy()}
         if logs and "kl_clip_factor" in logs:  # the step's KL-clip factor ν (1: the clip did not bind)
             record["kl_clip_factor"] = round(float(logs["kl_clip_factor"]), 5)
         for name in AVERAGES:
-            for average, weight in zip(self.averages[name], self.weights):
-                weight.assign(average)
-            record[name] = self.accuracy()
-        for weight, value in zip(self.weights, raw):
-            weight.assign(value)
+            with compare.weights_replaced(zip(self.weights, self.averages[name])):
+                record[name] = self.accuracy()
         self.evals.append(record)
         print(json.dumps(record), flush=True)
 
