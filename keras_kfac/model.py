@@ -18,6 +18,8 @@ Keras' own step function around them is therefore built without `jit_compile`.
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import tensorflow as tf
 
@@ -51,6 +53,12 @@ def _kfac_optimizer(optimizer):
     return inner if isinstance(inner, KFAC) else None
 
 
+def _fit_epochs(model, args, kwargs) -> int:
+    """The `epochs` of a `fit(*args, **kwargs)` call."""
+    bound = inspect.signature(keras.Model.fit).bind(model, *args, **kwargs)
+    return bound.arguments.get("epochs", 1)
+
+
 def _parameters(variables) -> int:
     total = 0
     for v in variables:
@@ -81,6 +89,15 @@ class KFACTrainStep:
         self.compile(**config)
         if getattr(self, "optimizer", None) is not None and self.built:
             self.optimizer.build(self.trainable_variables)
+
+    def fit(self, *args, **kwargs):
+        # With `use_ema` the last `fit` ended on the average of the weights: train on from the
+        # weights it had reached (KFAC.restore_trained_weights), as Keras finalizes only when
+        # epochs > 0.
+        kfac = _kfac_optimizer(getattr(self, "optimizer", None))
+        if kfac is not None and _fit_epochs(self, args, kwargs) > 0:
+            kfac.restore_trained_weights(self.trainable_weights)
+        return super().fit(*args, **kwargs)
 
     def make_train_function(self, force=False):
         if _kfac_optimizer(getattr(self, "optimizer", None)) is None or self.run_eagerly:

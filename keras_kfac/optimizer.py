@@ -77,6 +77,7 @@ class _Untracked:
         self.tridiagonal = None  # tridiagonal.TridiagonalState with approximation="block_tridiagonal"
         self.input_spec = None  # inputs of the model, to find layers called in nested graphs
         self.step = None  # what the update phase needs of the step in flight (see kfac_step)
+        self.trained_weights = {}  # var key → the weights training reached, kept when `fit` ends (use_ema)
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -166,7 +167,9 @@ class KFAC(keras.optimizers.Optimizer):
             Zhang 2013), x_t = x_{t−1} + (η + 1)/(t + η)·(w_t − x_{t−1}) from x_1 = w_1, i.e. w_s
             weighted ∝ Γ(s + η)/Γ(s) ≈ s^η (η = 0: the plain mean), and puts it in place of the
             weights when `fit` ends, as Keras' `use_ema` does (which it turns on, in place of
-            the exponential average).  None: no such average.
+            the exponential average).  None: no such average.  With either average the next
+            `fit` trains on from the weights the last one reached (kept in the optimizer's
+            state and saved with it), unless the weights were changed in between.
         weight_sharing: layers applied over shared positions (Dense on sequences, EinsumDense):
             "expand" (every position a row) or "reduce" (per example, inputs averaged and output
             gradients summed over the positions; Eschenhagen et al. 2023). None: each block's
@@ -451,6 +454,12 @@ class KFAC(keras.optimizers.Optimizer):
         state.block_keys = {self._var_key(v) for b in blocks for v in b.variables}
         self._stats_updates = self.add_variable((), initializer="zeros", dtype="int64", name="stats_updates")
         self._skipped_steps = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_steps")
+        if self.use_ema:
+            # Where training was when `fit` put the average in place of the weights (see
+            # finalize_variable_values); 1 in `average_in_place` while the weights hold it.
+            self._average_in_place = self.add_variable((), initializer="zeros", dtype="int64", name="average_in_place")
+            for v in variables:
+                state.trained_weights[self._var_key(v)] = self.add_variable_from_reference(v, "trained_weights")
         if self.auto_momentum:
             self._chosen_momentum = self.add_variable((), initializer="zeros", dtype="float32", name="chosen_momentum")
         if self.adapt_damping:
@@ -907,6 +916,42 @@ class KFAC(keras.optimizers.Optimizer):
                 lambda: self._overwrite_model_variables_with_average_value(self._trainable_variables),
                 lambda: None,
             )
+
+    def finalize_variable_values(self, var_list) -> None:
+        """End of `fit` with `use_ema`: the weights become the average (as in Keras) and the
+        weights training reached are kept, so that the next `fit` continues from them
+        (`restore_trained_weights`): a run split into several `fit` calls, or saved and resumed
+        between them, takes the steps of one uninterrupted run."""
+        if self.use_ema and self.built:
+            for variable in var_list:
+                kept = self._state.trained_weights.get(self._var_key(variable))
+                if kept is not None:
+                    kept.assign(variable)
+            self._average_in_place.assign(1)
+        super().finalize_variable_values(var_list)
+
+    def restore_trained_weights(self, var_list) -> bool:
+        """Puts back the weights training reached if the last `fit` left the average in their
+        place and they still hold it (weights set since then, by `set_weights`, `load_weights`
+        of other weights or more training, are kept).  Called by `fit` before it trains;
+        returns whether the weights were put back."""
+        if not (self.use_ema and self.built) or int(self._average_in_place.numpy()) == 0:
+            return False
+        self._average_in_place.assign(0)
+        keys = [self._var_key(v) for v in self._trainable_variables]
+        averages = dict(zip(keys, self._model_variables_moving_average))
+        pairs = []
+        for variable in var_list:
+            key = self._var_key(variable)
+            average, kept = averages.get(key), self._state.trained_weights.get(key)
+            if average is None or kept is None:
+                continue
+            if not np.array_equal(keras.ops.convert_to_numpy(variable), keras.ops.convert_to_numpy(average)):
+                return False
+            pairs.append((variable, kept))
+        for variable, kept in pairs:
+            variable.assign(kept)
+        return bool(pairs)
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         values = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]

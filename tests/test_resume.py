@@ -87,6 +87,22 @@ def test_keras_file_resume_equals_the_uninterrupted_run(tmp_path, fisher, dampin
         assert not np.allclose(fresh.layers[0].kernel.numpy(), expected[0][0], atol=1e-4)
 
 
+def test_keras_file_resume_with_a_weight_average(tmp_path):
+    """The saved model holds the average (what `fit` ends on); the optimizer state holds the
+    weights training reached, and the resumed run trains on from them."""
+    whole = _model(polynomial_averaging=8)
+    _fit(whole, EPOCHS)
+    first = _model(polynomial_averaging=8)
+    _fit(first, STOP)
+    first.save(tmp_path / "run.keras")
+    resumed = keras.models.load_model(tmp_path / "run.keras")
+    for v, a in zip(resumed.trainable_variables, resumed.optimizer._model_variables_moving_average):
+        np.testing.assert_array_equal(v.numpy(), a.numpy())
+    _fit(resumed, EPOCHS - STOP)
+    expected = [v.numpy() for v in whole.weights], [v.numpy() for v in whole.optimizer.variables]
+    _assert_same_run(expected, resumed, exact=True)
+
+
 @pytest.mark.parametrize("built", [False, True], ids=["restore-then-build", "build-then-restore"])
 def test_tf_checkpoint_resume_equals_the_uninterrupted_run(tmp_path, built):
     expected = _uninterrupted()

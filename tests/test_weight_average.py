@@ -111,3 +111,73 @@ def test_polynomial_averaging_arguments():
         keras_kfac.KFAC(polynomial_averaging=-1.0)
     with pytest.raises(ValueError, match="use_ema=False"):
         keras_kfac.KFAC(polynomial_averaging=3, use_ema=False)
+
+
+class _WeightsAtFirstStep(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.seen is None:
+            self.seen = [v.numpy() for v in self.model.trainable_variables]
+
+
+def _averaged(seed: int = 0):
+    keras.utils.set_random_seed(seed)
+    model = _model()
+    optimizer = keras_kfac.KFAC(polynomial_averaging=8, learning_rate=1e-2, stats_every=1, inverse_every=2)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    return model
+
+
+def _data(seed: int = 2):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    return x, (x[:, 0] > 0).astype("int32") + (x[:, 1] > 0).astype("int32")
+
+
+@pytest.mark.parametrize("split", [[2], [1, 1], [1, 0, 1]], ids=["one_fit", "two_fits", "with_zero_epochs"])
+def test_fit_calls_continue_from_the_trained_weights_not_the_average(split):
+    """`fit` ends on the average; the next `fit` trains on from the weights training reached, so
+    that any split of the epochs ends where one `fit` of all of them does, bitwise."""
+    x, y = _data()
+    whole = _averaged()
+    whole_record = _WeightsAfterEachStep()
+    whole.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[whole_record])
+
+    model = _averaged()
+    record = _WeightsAfterEachStep()
+    for epochs in split:
+        if epochs:
+            first = _WeightsAtFirstStep()
+            model.fit(x, y, batch_size=16, epochs=epochs, shuffle=False, verbose=0, callbacks=[record, first])
+        else:
+            model.fit(x, y, batch_size=16, epochs=0, verbose=0)
+        averages = model.optimizer._model_variables_moving_average
+        for v, a in zip(model.trainable_variables, averages):
+            np.testing.assert_array_equal(v.numpy(), a.numpy())  # the average is in place after each fit
+    assert len(record.seen) == 12
+    # Each fit after the first started from the weights after the last step, not from the average.
+    if len(split) > 1:
+        last_of_first_fit = record.seen[5]
+        for w, s in zip(first.seen, last_of_first_fit):
+            np.testing.assert_array_equal(w, s)
+    for a, b in zip(whole_record.seen, record.seen):
+        for wa, wb in zip(a, b):
+            np.testing.assert_array_equal(wa, wb)
+    for a, b in zip(whole.weights + whole.optimizer.variables, model.weights + model.optimizer.variables):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_weights_set_after_fit_are_trained_from():
+    x, y = _data()
+    model = _averaged()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    chosen = [np.full(v.shape, 0.125, "float32") for v in model.trainable_variables]
+    for v, c in zip(model.trainable_variables, chosen):
+        v.assign(c)
+    first = _WeightsAtFirstStep()
+    model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[first])
+    for w, c in zip(first.seen, chosen):
+        np.testing.assert_array_equal(w, c)
