@@ -135,9 +135,16 @@ def configurations() -> dict:
         ),
         # A larger statistics sample (the study's lead at batch 128), with and without fewer
         # convolution locations for A.
-        "kfac (stats of 128 examples)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE, stats_batch_size=128),
+        "kfac (stats of 128 examples)": lambda: keras_kfac.KFAC(
+            learning_rate=LEARNING_RATE, stats_batch_size=128, stats_locations=None
+        ),
         "kfac (stats of 128 examples, 16 locations)": lambda: keras_kfac.KFAC(
             learning_rate=LEARNING_RATE, stats_batch_size=128, stats_locations=16
+        ),
+        # The defaults before 2026-12-05: statistics of 32 examples, A from every location, no
+        # weight average.
+        "kfac (former defaults)": lambda: keras_kfac.KFAC(
+            learning_rate=LEARNING_RATE, stats_batch_size=32, stats_locations=None, polynomial_averaging=None
         ),
         # Layers over sequences (the ViT's): KFAC-reduce instead of the default KFAC-expand.
         "kfac (KFAC-reduce)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE, weight_sharing="reduce"),

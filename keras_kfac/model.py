@@ -91,13 +91,15 @@ class KFACTrainStep:
             self.optimizer.build(self.trainable_variables)
 
     def fit(self, *args, **kwargs):
-        # With `use_ema` the last `fit` ended on the average of the weights: train on from the
-        # weights it had reached (KFAC.restore_trained_weights), as Keras finalizes only when
-        # epochs > 0.
-        kfac = _kfac_optimizer(getattr(self, "optimizer", None))
-        if kfac is not None and _fit_epochs(self, args, kwargs) > 0:
-            kfac.restore_trained_weights(self.trainable_weights)
-        return super().fit(*args, **kwargs)
+        # With `use_ema` the last `fit` ended on the average of the weights: this one trains on
+        # from the weights that one had reached (KFAC.restore_trained_weights), once the
+        # optimizer is built and its state restored (see _maybe_symbolic_build); Keras puts the
+        # average in place only when epochs > 0, and so this takes it out only then.
+        self._kfac_restore_pending = _fit_epochs(self, args, kwargs) > 0
+        try:
+            return super().fit(*args, **kwargs)
+        finally:
+            self._kfac_restore_pending = False
 
     def make_train_function(self, force=False):
         if _kfac_optimizer(getattr(self, "optimizer", None)) is None or self.run_eagerly:
@@ -111,7 +113,14 @@ class KFACTrainStep:
             self.jit_compile = saved
 
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        return _private.multiworker_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
+        result = _private.multiworker_symbolic_build(self, super()._maybe_symbolic_build, iterator, data_batch)
+        # fit calls this before its first step (evaluate and train_on_batch call it too); an
+        # optimizer still unbuilt here does the same in its train steps (see train_step).
+        kfac = _kfac_optimizer(getattr(self, "optimizer", None))
+        if kfac is not None and kfac.built and getattr(self, "_kfac_restore_pending", False):
+            self._kfac_restore_pending = False
+            kfac.restore_trained_weights(self.trainable_weights)
+        return result
 
     def _make_function(self, step_function):
         return super()._make_function(_private.multiworker_step_function(self, step_function))
@@ -358,6 +367,13 @@ class KFACTrainStep:
             # step; K-FAC needs its blocks (hence a built model) before the forward pass.
             opt.attach_model(self, input_spec=spec_of_batch(x))
             _private.symbolic_build(self, data)
+        if opt.use_ema and not tf.distribute.has_strategy():
+            # The same as at the start of fit (_maybe_symbolic_build), for an optimizer built
+            # or restored after that (a tf.train.Checkpoint restored into an unbuilt one) and
+            # for train_on_batch.  Under a strategy fit builds the optimizer before its first step.
+            restored = opt.restore_trained_weights(self.trainable_weights)
+        else:
+            restored = None
         snapshot = self._kfac_values()
         if getattr(self, "_kfac_forward_jit", False) and not tf.executing_eagerly():
             if self._kfac_forward_fn is None:
@@ -386,6 +402,9 @@ class KFACTrainStep:
             self._kfac_restore(after)
         opt.update_loss_scale(applied)
         self._kfac_rollback(applied, snapshot)
+        if restored is not None:
+            skipped = tf.logical_not(tf.convert_to_tensor(applied, tf.bool))
+            opt.put_average_back(self.trainable_weights, tf.logical_and(restored, skipped))
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         logs.update(opt.diagnostics())
         return logs

@@ -24,7 +24,9 @@ update call.  Phase 1 runs XLA-compiled on GPU/TPU, phase 2 too (plain on CPU, w
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import threading
 import weakref
 
 import keras
@@ -44,6 +46,8 @@ GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
 MOMENTUM_FORMS = ("average", "heavy_ball")
 DEFAULT_DAMPING = 1e-4  # λ of a fixed damping given as None (the seed-task study, BENCHMARKS.md)
+# η of polynomial_averaging="auto" (BENCHMARKS.md, "Timed: 128-example statistics, ...")
+DEFAULT_POLYNOMIAL_AVERAGING = 8.0
 # learning_rate="auto": lr_t = PEAK_LEARNING_RATE / (1 + t / (DECAY_STEPS · max(b, 1))) at step t,
 # b = B / REFERENCE_BATCH for the global batch B of the first step: a 1/t decay whose horizon grows
 # with the batch above the reference (the gradient noise it averages out falls as 1/B), with the
@@ -78,6 +82,25 @@ class _Untracked:
         self.input_spec = None  # inputs of the model, to find layers called in nested graphs
         self.step = None  # what the update phase needs of the step in flight (see kfac_step)
         self.trained_weights = {}  # var key → the weights training reached, kept when `fit` ends (use_ema)
+
+
+# Per thread (a MirroredStrategy traces its replicas in threads): ids of the KFAC optimizers
+# whose block update is inside Keras' `apply` just now.
+_IN_KERAS_APPLY = threading.local()
+
+
+@contextlib.contextmanager
+def _keras_apply_in_progress(optimizer):
+    ids = _IN_KERAS_APPLY.__dict__.setdefault("ids", set())
+    ids.add(id(optimizer))
+    try:
+        yield
+    finally:
+        ids.discard(id(optimizer))
+
+
+def _in_keras_apply(optimizer) -> bool:
+    return id(optimizer) in getattr(_IN_KERAS_APPLY, "ids", ())
 
 
 @keras.saving.register_keras_serializable(package="keras_kfac")
@@ -167,7 +190,9 @@ class KFAC(keras.optimizers.Optimizer):
             Zhang 2013), x_t = x_{t−1} + (η + 1)/(t + η)·(w_t − x_{t−1}) from x_1 = w_1, i.e. w_s
             weighted ∝ Γ(s + η)/Γ(s) ≈ s^η (η = 0: the plain mean), and puts it in place of the
             weights when `fit` ends, as Keras' `use_ema` does (which it turns on, in place of
-            the exponential average).  None: no such average.  With either average the next
+            the exponential average).  None: no such average.  "auto" (default): η = 8, unless
+            `use_ema` is given (then Keras' meaning: the exponential average with True, no
+            average with False).  With either average the next
             `fit` trains on from the weights the last one reached (kept in the optimizer's
             state and saved with it), unless the weights were changed in between.
         weight_sharing: layers applied over shared positions (Dense on sequences, EinsumDense):
@@ -199,9 +224,9 @@ class KFAC(keras.optimizers.Optimizer):
         kl_clip="auto",
         adapt_damping=False,
         graft="auto",
-        stats_batch_size=32,
+        stats_batch_size=128,
         curvature_batch_size=None,
-        stats_locations=None,
+        stats_locations=16,
         fallback=None,
         inverse_jit="auto",
         inverse_dtype="float32",
@@ -218,7 +243,7 @@ class KFAC(keras.optimizers.Optimizer):
         diagonal_fisher=False,
         weight_sharing=None,
         momentum_form=None,
-        polynomial_averaging=None,
+        polynomial_averaging="auto",
         name=None,
         **kwargs,
     ):
@@ -289,6 +314,9 @@ class KFAC(keras.optimizers.Optimizer):
             args.check_number("max_factor_size", max_factor_size, low=1, integer=True)
         args.check_choice("weight_sharing", weight_sharing, (None, "expand", "reduce"))
         args.check_choice("momentum_form", momentum_form, (None,) + MOMENTUM_FORMS)
+        if args.is_auto("polynomial_averaging", polynomial_averaging, "a number ≥ 0, None"):
+            # Keras' `use_ema` given: its own meaning (the exponential average, or none).
+            polynomial_averaging = DEFAULT_POLYNOMIAL_AVERAGING if "use_ema" not in kwargs else None
         if polynomial_averaging is not None:
             args.check_number("polynomial_averaging", polynomial_averaging, low=0.0)
             if not kwargs.get("use_ema", True):
@@ -421,6 +449,26 @@ class KFAC(keras.optimizers.Optimizer):
         if isinstance(self._damping, LearningRateSchedule):
             return tf.cast(self._damping(self.iterations), tf.float32)
         return self._damping
+
+    # Keras' `apply` unscales the gradients by `loss_scale_factor` and averages the weights when
+    # `use_ema`; for the block update K-FAC has done the first already and does the second after
+    # the fallback's step, so within that call (and that thread) both read as off.  (Switching
+    # the attributes off around the call raced between a MirroredStrategy's replica threads.)
+    @property
+    def use_ema(self) -> bool:
+        return False if _in_keras_apply(self) else self.__dict__.get("_use_ema_setting", False)
+
+    @use_ema.setter
+    def use_ema(self, value) -> None:
+        self.__dict__["_use_ema_setting"] = value
+
+    @property
+    def loss_scale_factor(self):
+        return None if _in_keras_apply(self) else self.__dict__.get("_loss_scale_factor_setting")
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value) -> None:
+        self.__dict__["_loss_scale_factor_setting"] = value
 
     @property
     def inverse_in_xla(self) -> bool:
@@ -880,16 +928,13 @@ class KFAC(keras.optimizers.Optimizer):
                 for v, b in zip(other_vars, before):
                     v.assign(b)
                 self._state.step["fallback_step"] = {self._var_key(v): s for v, s in fallback_step}
-        saved_factor, use_ema = self.loss_scale_factor, self.use_ema
-        self.loss_scale_factor = None  # already undone above
-        self.use_ema = False  # Keras would average before the fallback step is back: done below
-        try:
+        # Inside Keras' apply the loss scale (undone above) and the average (taken below, once
+        # the fallback's step is back) read as off.
+        with _keras_apply_in_progress(self):
             if block_pairs:
                 super().apply([g for g, _ in block_pairs], [v for _, v in block_pairs])
             else:
                 self._iterations.assign_add(1)
-        finally:
-            self.loss_scale_factor, self.use_ema = saved_factor, use_ema
         for v, s in fallback_step:
             v.assign_add(s)
         if self.use_ema:
@@ -930,28 +975,60 @@ class KFAC(keras.optimizers.Optimizer):
             self._average_in_place.assign(1)
         super().finalize_variable_values(var_list)
 
-    def restore_trained_weights(self, var_list) -> bool:
+    def restore_trained_weights(self, var_list):
         """Puts back the weights training reached if the last `fit` left the average in their
-        place and they still hold it (weights set since then, by `set_weights`, `load_weights`
-        of other weights or more training, are kept).  Called by `fit` before it trains;
-        returns whether the weights were put back."""
-        if not (self.use_ema and self.built) or int(self._average_in_place.numpy()) == 0:
-            return False
-        self._average_in_place.assign(0)
+        place and they all still hold it (weights set since then, by `set_weights`,
+        `load_weights` of other weights or more training, are kept); either way the average is
+        then no longer in place.  Eager (at the start of `fit`) or in a traced train step (the
+        check is one scalar read while nothing is pending).  Returns whether the weights were
+        put back (a bool tensor)."""
+        triples = self._weights_average_kept(var_list)
+
+        def put_back():
+            unchanged = tf.reduce_all(tf.stack([tf.reduce_all(tf.equal(v.value, a.value)) for v, a, _ in triples]))
+
+            def assign_kept():
+                for variable, _, kept in triples:
+                    variable.assign(kept.value)
+                return tf.constant(True)
+
+            done = tf.cond(unchanged, assign_kept, lambda: tf.constant(False))
+            with tf.control_dependencies([done]):
+                self._average_in_place.assign(0)
+            return tf.identity(done)
+
+        if not triples:
+            return tf.constant(False)
+        return tf.cond(tf.equal(self._average_in_place.value, 1), put_back, lambda: tf.constant(False))
+
+    def put_average_back(self, var_list, when) -> None:
+        """Undoes `restore_trained_weights` where `when` (a bool tensor): a step skipped for a
+        non-finite batch leaves the weights, the average among them, as they were."""
+        triples = self._weights_average_kept(var_list)
+        if not triples:
+            return
+
+        def undo():
+            for variable, average, _ in triples:
+                variable.assign(average.value)
+            self._average_in_place.assign(1)
+            return tf.constant(True)
+
+        tf.cond(when, undo, lambda: tf.constant(False))
+
+    def _weights_average_kept(self, var_list) -> list:
+        """(weight, its average, its kept value) for every weight of `var_list` that has them."""
+        if not (self.use_ema and self.built):
+            return []
         keys = [self._var_key(v) for v in self._trainable_variables]
         averages = dict(zip(keys, self._model_variables_moving_average))
-        pairs = []
+        triples = []
         for variable in var_list:
             key = self._var_key(variable)
             average, kept = averages.get(key), self._state.trained_weights.get(key)
-            if average is None or kept is None:
-                continue
-            if not np.array_equal(keras.ops.convert_to_numpy(variable), keras.ops.convert_to_numpy(average)):
-                return False
-            pairs.append((variable, kept))
-        for variable, kept in pairs:
-            variable.assign(kept)
-        return bool(pairs)
+            if average is not None and kept is not None:
+                triples.append((variable, average, kept))
+        return triples
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         values = [v.value if isinstance(v, keras.Variable) else v for v in trainable_variables]

@@ -139,6 +139,11 @@ def mirrored(path):
         results.update(state(model, f"{name}_"))
         results.update(replica_copies(strategy, model, f"{name}_replicas_"))
         if name == "factored":
+            # Keras' apply reads use_ema and loss_scale_factor as off inside the block update,
+            # per replica thread: the settings themselves must survive (once they did not).
+            results["settings_after_fit"] = np.array(
+                [float(model.optimizer.use_ema), model.optimizer.polynomial_averaging or -1.0]
+            )
             model.save(os.path.join(folder, "mirrored.keras"))
     # Checkpoints: one epoch under the strategy, saved, the second on one device, and the reverse.
     single = keras.models.load_model(os.path.join(folder, "mirrored.keras"))

@@ -1,5 +1,6 @@
 """K-FAC settings under which one step is exactly the damped Kronecker solve of the batch's
-own factors (no moving averages, no momentum, no grafting, inverses every step), so that it
+own factors (no moving averages, no momentum, no grafting, inverses every step, every example and
+location in the statistics, no average of the weights), so that it
 can be compared with a float64 NumPy reference."""
 
 import keras_kfac
@@ -16,5 +17,7 @@ def exact_kfac(**overrides) -> keras_kfac.KFAC:
         graft=None,
         stats_every=1,
         stats_batch_size=None,
+        stats_locations=None,
+        polynomial_averaging=None,
     )
     return keras_kfac.KFAC(**{**settings, **overrides})

@@ -222,6 +222,7 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_
         damping_mode="eigen",
         graft=None,
         curvature_batch_size=curvature_batch_size,
+        polynomial_averaging=None,  # the weights after the step, not their average
     )
     shapes, theta0, theta1, theta2, alpha, mu = _two_steps(model, opt, x, y)
     assert alpha > 0 and mu != 0

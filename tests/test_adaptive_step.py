@@ -72,7 +72,7 @@ def test_the_quadratic_model_includes_the_fallback_optimizers_own_step():
     first = model.layers[0].name
     opt = keras_kfac.KFAC(
         learning_rate=None, momentum=None, damping=LAM, stats_every=1, inverse_every=1, graft="sgd",
-        exclude=[first], fallback=keras.optimizers.SGD(0.5, momentum=0.9),
+        exclude=[first], fallback=keras.optimizers.SGD(0.5, momentum=0.9), polynomial_averaging=None,
     )  # fmt: skip
     shapes, theta0, theta1, theta2, alpha, mu = _two_steps(model, opt, x, y)
     split = int(np.prod(shapes[0]) + np.prod(shapes[1]))  # the first layer's kernel and bias

@@ -138,6 +138,11 @@ def test_auto_learning_rate_reads_the_global_batch(mirrored):
     np.testing.assert_allclose(mirrored["auto_learning_rate"], 1e-3 * np.sqrt(512 / 128), rtol=1e-6)
 
 
+def test_fit_under_a_strategy_keeps_the_optimizers_settings(mirrored):
+    # The default weight average (use_ema on, η = 8) is still on after fit under two replicas.
+    np.testing.assert_array_equal(mirrored["settings_after_fit"], [1.0, 8.0])
+
+
 def test_checkpoints_move_between_a_strategy_and_one_device(mirrored):
     expected = _single_device(epochs=2)  # one epoch, save, load elsewhere, one more epoch
     _assert_close(expected, mirrored, "to_single_")

@@ -102,6 +102,23 @@ def test_polynomial_average_is_the_closed_form_weighting(power):
         np.testing.assert_allclose(f, expected, rtol=1e-5, atol=1e-6, err_msg=variable.path)
 
 
+def test_the_default_average_and_keras_use_ema():
+    """polynomial_averaging="auto" is η = 8 unless `use_ema` is given (Keras' meaning then)."""
+    settings = {
+        "default": ({}, 8.0, True),
+        "use_ema=True": ({"use_ema": True}, None, True),  # Keras' exponential average
+        "use_ema=False": ({"use_ema": False}, None, False),
+        "none": ({"polynomial_averaging": None}, None, False),
+    }
+    for name, (kwargs, power, use_ema) in settings.items():
+        optimizer = keras_kfac.KFAC(**kwargs)
+        assert (optimizer.polynomial_averaging, optimizer.use_ema) == (power, use_ema), name
+        restored = keras_kfac.KFAC.from_config(optimizer.get_config())
+        assert (restored.polynomial_averaging, restored.use_ema) == (power, use_ema), name
+    with pytest.raises(ValueError, match="polynomial_averaging"):
+        keras_kfac.KFAC(polynomial_averaging="sometimes")
+
+
 def test_polynomial_averaging_arguments():
     config = keras_kfac.KFAC(polynomial_averaging=8).get_config()
     assert config["polynomial_averaging"] == 8.0 and config["use_ema"] is True
