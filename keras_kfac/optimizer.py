@@ -967,11 +967,10 @@ class KFAC(keras.optimizers.Optimizer):
         weights training reached are kept, so that the next `fit` continues from them
         (`restore_trained_weights`): a run split into several `fit` calls, or saved and resumed
         between them, takes the steps of one uninterrupted run."""
-        if self.use_ema and self.built:
-            for variable in var_list:
-                kept = self._state.trained_weights.get(self._var_key(variable))
-                if kept is not None:
-                    kept.assign(variable)
+        triples = self._weights_average_kept(var_list)
+        for variable, _, kept in triples:
+            kept.assign(variable)
+        if triples:
             self._average_in_place.assign(1)
         super().finalize_variable_values(var_list)
 
