@@ -26,6 +26,7 @@ __all__ = [
     "unscale_loss_for_distribution",
     "leaf_layers",
     "symbolic_build",
+    "batch_spec",
     "compute_loss",
     "call_has_training_arg",
     "loss_tracker",
@@ -70,6 +71,17 @@ def symbolic_build(model, data_batch) -> None:
     """Builds the model, its metrics and its optimizer from one batch, as `fit` does before
     the first step (K-FAC needs its blocks before the first forward pass)."""
     model._symbolic_build(data_batch=data_batch)
+
+
+def batch_spec(epoch_iterator):
+    """The structure of `tf.TensorSpec`s of the batches a Keras TensorFlow epoch iterator will
+    yield (its dataset's `element_spec`; nothing is consumed), or None if it has none.  Parts
+    that are not tensors (a `tf.experimental.Optional` for an absent sample weight) are None."""
+    dataset = getattr(epoch_iterator, "_distributed_dataset", None)
+    spec = getattr(dataset, "element_spec", None)
+    if spec is None:
+        return None
+    return tf.nest.map_structure(lambda s: s if isinstance(s, tf.TensorSpec) else None, spec)
 
 
 def compute_loss(model, x, y, y_pred, sample_weight):

@@ -117,10 +117,24 @@ class KFACTrainStep:
         # fit calls this before its first step (evaluate and train_on_batch call it too); an
         # optimizer still unbuilt here does the same in its train steps (see train_step).
         kfac = _kfac_optimizer(getattr(self, "optimizer", None))
+        if kfac is not None and not kfac.built:
+            # Without a strategy Keras leaves the build to the first traced step.  Built there,
+            # every optimizer variable gets an initializer graph of its own and the variables
+            # created make TensorFlow trace the whole step twice; so build here, eagerly, from the
+            # shapes of the batches (as Keras does under a strategy).
+            batch = data_batch if data_batch is not None else _private.batch_spec(iterator)
+            if batch is not None:
+                self._kfac_build(kfac, batch)
         if kfac is not None and kfac.built and getattr(self, "_kfac_restore_pending", False):
             self._kfac_restore_pending = False
             kfac.restore_trained_weights(self.trainable_weights)
         return result
+
+    def _kfac_build(self, kfac, batch) -> None:
+        """Builds the model, its metrics and the K-FAC optimizer from a batch (tensors or specs)."""
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        kfac.attach_model(self, input_spec=spec_of_batch(x))
+        _private.symbolic_build(self, batch)
 
     def _make_function(self, step_function):
         return super()._make_function(_private.multiworker_step_function(self, step_function))
@@ -363,10 +377,9 @@ class KFACTrainStep:
             return super().train_step(data)
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         if not opt.built:
-            # Without a distribution strategy Keras builds optimizers lazily inside the first
-            # step; K-FAC needs its blocks (hence a built model) before the forward pass.
-            opt.attach_model(self, input_spec=spec_of_batch(x))
-            _private.symbolic_build(self, data)
+            # Not built before the step (see _maybe_symbolic_build): K-FAC needs its blocks
+            # (hence a built model) before the forward pass.
+            self._kfac_build(opt, data)
         if opt.use_ema and not tf.distribute.has_strategy():
             # The same as at the start of fit (_maybe_symbolic_build), for an optimizer built
             # or restored after that (a tf.train.Checkpoint restored into an unbuilt one) and
