@@ -14,8 +14,10 @@ same subset for every example of a call (an unbiased estimate of the same mean).
 `ConvolutionBlock` holds the common part; a subclass gives `convolve(inputs)` (the layer's
 linear map without bias and activation) and `patches(inputs)`, the (m, locations, in_features)
 tensor of the ā_p without the 1.  `gather_patches` builds it for any number of spatial axes by
-one strided slice per kernel offset, from explicit per-axis padding (`conv_geometry`), and
-`upsample` spreads the input of a transposed convolution over its output grid.
+one strided slice per kernel offset, from explicit per-axis padding (`conv_geometry`);
+`gather_patches_at` gathers only the patches of the locations `stats_locations` keeps (the same
+rows, without forming the others), and `upsample` spreads the input of a transposed convolution
+over its output grid.
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ def gather_patches(x, kernel_size, strides, dilations, pads, out_sizes, flip: bo
     return tf.reshape(patches, (static_dims(x)[0], -1, patches.shape[-1]))
 
 
+def gather_patches_at(x, kernel_size, strides, dilations, pads, out_sizes, chosen) -> tf.Tensor:
+    """(m, len(chosen), prod(kernel_size)·c): the rows of `gather_patches` (no flip) at the output
+    locations `chosen` (flat, row-major over out_sizes), gathered from the padded input without
+    forming the patches of the other locations."""
+    padded = tf.pad(x, [[0, 0], *[list(p) for p in pads], [0, 0]])
+    dims = static_dims(padded)
+    coords = tf.unravel_index(chosen, tf.stack([tf.cast(o, chosen.dtype) for o in out_sizes]))
+    offsets = list(itertools.product(*(range(k) for k in kernel_size)))
+    index = tf.zeros([tf.size(chosen), len(offsets)], chosen.dtype)
+    for axis, (s, d) in enumerate(zip(strides, dilations)):
+        starts = tf.constant([offset[axis] * d for offset in offsets], chosen.dtype)
+        position = coords[axis][:, None] * s + starts[None, :]
+        index = index * tf.cast(dims[1 + axis], chosen.dtype) + position
+    flat = tf.reshape(padded, (dims[0], -1, dims[-1]))
+    rows = tf.gather(flat, tf.reshape(index, [-1]), axis=1)
+    return tf.reshape(rows, (dims[0], -1, len(offsets) * x.shape[-1]))
+
+
 def upsample(x: tf.Tensor, strides) -> tf.Tensor:
     """x (m, *spatial, c) with stride − 1 zeros after every element of each spatial axis:
     the result u has u[..., q·stride, ...] = x[..., q, ...] and zeros elsewhere."""
@@ -83,12 +103,16 @@ def upsample(x: tf.Tensor, strides) -> tf.Tensor:
     return x
 
 
+def choose_locations(count, locations: int, seed) -> tf.Tensor:
+    """The first `locations` of a random permutation of range(count) (drawn from the stateless
+    `seed`); all of them when fewer."""
+    scores = tf.random.stateless_uniform(tf.reshape(tf.cast(count, tf.int32), [1]), seed)
+    return tf.argsort(scores)[:locations]
+
+
 def sample_locations(per_example: tf.Tensor, locations: int, seed) -> tf.Tensor:
-    """The first `locations` of a random permutation (drawn from the stateless `seed`) of the
-    locations (axis 1) of `per_example`, the same for every example; all of them when fewer."""
-    scores = tf.random.stateless_uniform(tf.shape(per_example)[1:2], seed)
-    chosen = tf.argsort(scores)[:locations]
-    return tf.gather(per_example, chosen, axis=1)
+    """The locations (axis 1) of `per_example` at `choose_locations`, the same for every example."""
+    return tf.gather(per_example, choose_locations(tf.shape(per_example)[1], locations, seed), axis=1)
 
 
 class ConvolutionBlock(KroneckerBlock):
@@ -117,10 +141,36 @@ class ConvolutionBlock(KroneckerBlock):
             pre = ops.add(pre, ops.reshape(self.layer.bias, (1,) * (len(pre.shape) - 1) + (self.out_features,)))
         return pre
 
+    def geometry(self, inputs) -> list | None:
+        """(output size, zeros before, zeros after) per spatial axis when ā_p is the padded input
+        at p·stride + a·dilation (see `gather_patches`); None when `patches` is built otherwise."""
+        layer = self.layer
+        return [
+            conv_geometry(size, k, s, d, layer.padding)
+            for size, k, s, d in zip(static_dims(inputs)[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate)
+        ]
+
     def input_rows(self, inputs, locations=None, seed=None):
-        per_example = self.patches(inputs)
-        if locations is not None:
-            per_example = sample_locations(per_example, locations, seed)
+        geometry = None if locations is None else self.geometry(inputs)
+        if locations is None:
+            per_example = self.patches(inputs)
+        elif geometry is None:
+            per_example = sample_locations(self.patches(inputs), locations, seed)
+        else:  # only the sampled locations' patches: the same rows as sampling all of them
+            layer = self.layer
+            out_sizes = [out for out, _, _ in geometry]
+            count = out_sizes[0]
+            for size in out_sizes[1:]:
+                count = count * size
+            per_example = gather_patches_at(
+                inputs,
+                layer.kernel_size,
+                layer.strides,
+                layer.dilation_rate,
+                [(before, after) for _, before, after in geometry],
+                out_sizes,
+                choose_locations(count, locations, seed),
+            )
         return tf.reshape(per_example, (-1, self.in_features))
 
 
@@ -131,10 +181,7 @@ class SlicedConvolutionBlock(ConvolutionBlock):
 
     def patches(self, inputs):
         layer = self.layer
-        geometry = [
-            conv_geometry(size, k, s, d, layer.padding)
-            for size, k, s, d in zip(static_dims(inputs)[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate)
-        ]
+        geometry = self.geometry(inputs)
         return gather_patches(
             inputs,
             layer.kernel_size,
