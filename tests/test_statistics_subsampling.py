@@ -166,3 +166,11 @@ def test_sampled_locations_gather_only_their_patches(layer, shape):
         np.testing.assert_allclose(rows, full[:, chosen], rtol=0, atol=1e-6)
         former = sample_locations(block.patches(tf.constant(x)), 5, seed).numpy()
         np.testing.assert_array_equal(rows, former)
+        # Under XLA too (the statistics are XLA-compiled on GPU/TPU, statistics_jit=True); XLA's
+        # stateless draw may pick other locations, so both paths are compiled.
+        compiled = tf.function(lambda x, seed: block.input_rows(x, 5, seed), jit_compile=True)
+        compiled_former = tf.function(lambda x, seed: sample_locations(block.patches(x), 5, seed), jit_compile=True)
+        rows_xla = compiled(tf.constant(x), seed).numpy().reshape(rows.shape)
+        chosen_xla = tf.function(lambda seed: choose_locations(count, 5, seed), jit_compile=True)(seed).numpy()
+        np.testing.assert_allclose(rows_xla, full[:, chosen_xla], rtol=0, atol=1e-6)
+        np.testing.assert_array_equal(rows_xla, compiled_former(tf.constant(x), seed).numpy())

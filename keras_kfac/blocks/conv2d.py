@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from keras_kfac.blocks.convolution import ConvolutionBlock
+from keras_kfac.blocks.convolution import ConvolutionBlock, layer_geometry
 
 
 class Conv2DBlock(ConvolutionBlock):
@@ -26,6 +26,10 @@ class Conv2DBlock(ConvolutionBlock):
         self._strides = [1, sh, sw, 1]
         self._rates = [1, dh, dw, 1]
         self._padding = layer.padding.upper()
+
+    def geometry(self, inputs) -> list:
+        # extract_patches pads and strides as the convolution does: the sliced patches' layout.
+        return layer_geometry(self.layer, inputs)
 
     def patches(self, inputs):
         patches = tf.image.extract_patches(

@@ -76,9 +76,6 @@ class Conv2DTransposeBlock(ConvolutionBlock):
             data_format=layer.data_format,
         )
 
-    def geometry(self, inputs):
-        return None  # patches come from the upsampled input (see `patches`)
-
     def patches(self, inputs):
         layer = self.layer
         rank = len(layer.kernel_size)

@@ -79,7 +79,12 @@ def gather_patches_at(x, kernel_size, strides, dilations, pads, out_sizes, chose
     forming the patches of the other locations."""
     padded = tf.pad(x, [[0, 0], *[list(p) for p in pads], [0, 0]])
     dims = static_dims(padded)
-    coords = tf.unravel_index(chosen, tf.stack([tf.cast(o, chosen.dtype) for o in out_sizes]))
+    coords, rest = [], chosen  # row-major coordinates (tf.unravel_index has no XLA kernel)
+    for size in reversed(out_sizes[1:]):
+        size = tf.cast(size, chosen.dtype)
+        coords.insert(0, rest % size)
+        rest = rest // size
+    coords.insert(0, rest)
     offsets = list(itertools.product(*(range(k) for k in kernel_size)))
     index = tf.zeros([tf.size(chosen), len(offsets)], chosen.dtype)
     for axis, (s, d) in enumerate(zip(strides, dilations)):
@@ -143,12 +148,12 @@ class ConvolutionBlock(KroneckerBlock):
 
     def geometry(self, inputs) -> list | None:
         """(output size, zeros before, zeros after) per spatial axis when ā_p is the padded input
-        at p·stride + a·dilation (see `gather_patches`); None when `patches` is built otherwise."""
-        layer = self.layer
-        return [
-            conv_geometry(size, k, s, d, layer.padding)
-            for size, k, s, d in zip(static_dims(inputs)[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate)
-        ]
+        at p·stride + a·dilation (see `gather_patches`), so that the sampled locations' patches
+        can be gathered alone; None (the default, for any other `patches`): all patches are
+        formed and the locations sampled from them.  A subclass that changes `patches` changes
+        this too."""
+        del inputs
+        return None
 
     def input_rows(self, inputs, locations=None, seed=None):
         geometry = None if locations is None else self.geometry(inputs)
@@ -174,10 +179,21 @@ class ConvolutionBlock(KroneckerBlock):
         return tf.reshape(per_example, (-1, self.in_features))
 
 
+def layer_geometry(layer, inputs) -> list:
+    """`conv_geometry` of each spatial axis of a Conv1D/2D/3D layer for `inputs`."""
+    return [
+        conv_geometry(size, k, s, d, layer.padding)
+        for size, k, s, d in zip(static_dims(inputs)[1:-1], layer.kernel_size, layer.strides, layer.dilation_rate)
+    ]
+
+
 class SlicedConvolutionBlock(ConvolutionBlock):
     """A convolution (Conv1D, Conv3D, ...) whose patches come from `gather_patches`: ā_p is the
     input at p·stride + a·dilation − (zeros before) for every kernel offset a, in the kernel's
     (*kernel_size, c_in) order, so the kernel reshapes to W as it is."""
+
+    def geometry(self, inputs) -> list:
+        return layer_geometry(self.layer, inputs)
 
     def patches(self, inputs):
         layer = self.layer
