@@ -23,6 +23,7 @@ over its output grid.
 from __future__ import annotations
 
 import itertools
+import math
 
 import tensorflow as tf
 from keras import ops
@@ -164,9 +165,6 @@ class ConvolutionBlock(KroneckerBlock):
         else:  # only the sampled locations' patches: the same rows as sampling all of them
             layer = self.layer
             out_sizes = [out for out, _, _ in geometry]
-            count = out_sizes[0]
-            for size in out_sizes[1:]:
-                count = count * size
             per_example = gather_patches_at(
                 inputs,
                 layer.kernel_size,
@@ -174,7 +172,7 @@ class ConvolutionBlock(KroneckerBlock):
                 layer.dilation_rate,
                 [(before, after) for _, before, after in geometry],
                 out_sizes,
-                choose_locations(count, locations, seed),
+                choose_locations(math.prod(out_sizes), locations, seed),
             )
         return tf.reshape(per_example, (-1, self.in_features))
 

@@ -59,6 +59,7 @@ import math
 import tensorflow as tf
 from keras import ops
 
+from keras_kfac.blocks import convolution
 from keras_kfac.blocks.base import BlockOptions, CurvatureBlock
 from keras_kfac.blocks.kronecker import KroneckerBlock
 from keras_kfac.factors import factor_for
@@ -92,8 +93,7 @@ def sample_locations(per_example: tf.Tensor, locations, seed) -> tf.Tensor:
     locations (the same for every example), drawn from the stateless `seed`."""
     if locations is None:
         return per_example
-    scores = tf.random.stateless_uniform(tf.shape(per_example)[1:2], seed)
-    return tf.gather(per_example, tf.argsort(scores)[:locations], axis=1)
+    return convolution.sample_locations(per_example, locations, seed)
 
 
 class ChannelKroneckerInversion:
