@@ -53,6 +53,7 @@ import json
 import os
 import statistics
 import sys
+import textwrap
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -574,7 +575,8 @@ def plot(
             ax.set_ylim(*accuracy_range)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"Fashion-MNIST, {title}, batch {batch_size}", fontsize=9)
+        # Long model names (the ViT's) wrap instead of running off the figure.
+        ax.set_title(textwrap.fill(f"Fashion-MNIST, {title}, batch {batch_size}", 60), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
