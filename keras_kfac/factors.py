@@ -16,6 +16,47 @@ def _with_ones(rows: tf.Tensor) -> tf.Tensor:
     return tf.concat([rows, tf.ones_like(rows[:, :1])], axis=1)
 
 
+# Side up to which `lower_triangular_inverse` solves directly instead of splitting in two.
+TRIANGULAR_SOLVE_SIZE = 256
+
+
+def lower_triangular_inverse(lower: tf.Tensor, solve_size: int = TRIANGULAR_SOLVE_SIZE) -> tf.Tensor:
+    """L⁻¹ of a lower-triangular L (static side n) by 2x2 blocks, [[P, 0], [Q, R]]⁻¹ =
+    [[P⁻¹, 0], [−R⁻¹ Q P⁻¹, R⁻¹]], down to sides ≤ `solve_size`, which a triangular solve inverts.
+
+    Most of the work is then matrix products, which run several times faster on CPU than a
+    triangular solve against the identity (the same O(n³) count; BENCHMARKS.md, "Inverses by
+    blocks")."""
+    size = lower.shape[0]
+    if size <= solve_size:
+        return tf.linalg.triangular_solve(lower, tf.eye(size, dtype=lower.dtype), lower=True)
+    half = size // 2
+    top = lower_triangular_inverse(lower[:half, :half], solve_size)
+    bottom = lower_triangular_inverse(lower[half:, half:], solve_size)
+    corner = -tf.matmul(bottom, tf.matmul(lower[half:, :half], top))
+    return tf.concat(
+        [
+            tf.concat([top, tf.zeros((half, size - half), lower.dtype)], axis=1),
+            tf.concat([corner, bottom], axis=1),
+        ],
+        axis=0,
+    )
+
+
+def spd_inverse(matrix: tf.Tensor, solve_size: int = TRIANGULAR_SOLVE_SIZE) -> tf.Tensor:
+    """M⁻¹ of a symmetric positive-definite M (static side n): M = L Lᵀ (Cholesky), M⁻¹ = L⁻ᵀ L⁻¹.
+
+    Sides ≤ `solve_size` use the Cholesky solve against the identity; larger ones
+    `lower_triangular_inverse`.  A matrix that is not positive definite gives non-finite values
+    either way, which the caller checks."""
+    size = matrix.shape[0]
+    lower = tf.linalg.cholesky(matrix)
+    if size <= solve_size:
+        return tf.linalg.cholesky_solve(lower, tf.eye(size, dtype=matrix.dtype))
+    inverse_lower = lower_triangular_inverse(lower, solve_size)
+    return tf.matmul(inverse_lower, inverse_lower, transpose_a=True)
+
+
 class DenseFactor:
     """A full symmetric d×d factor."""
 
@@ -53,11 +94,10 @@ class DenseFactor:
         return tf.cast(tf.maximum(values, 0.0), tf.float32), tf.cast(vectors, tf.float32)
 
     def shifted_inverse(self, value: tf.Tensor, shift, dtype: tf.DType) -> tf.Tensor:
-        """(F + shift·I)⁻¹ by Cholesky in `dtype`, symmetrised, float32 out."""
+        """(F + shift·I)⁻¹ by Cholesky in `dtype` (`spd_inverse`), symmetrised, float32 out."""
         m = tf.cast(value, dtype)
-        eye = tf.eye(self.size, dtype=dtype)
-        damped = 0.5 * (m + tf.transpose(m)) + tf.cast(shift, dtype) * eye
-        inverse = tf.linalg.cholesky_solve(tf.linalg.cholesky(damped), eye)
+        damped = 0.5 * (m + tf.transpose(m)) + tf.cast(shift, dtype) * tf.eye(self.size, dtype=dtype)
+        inverse = spd_inverse(damped)
         return tf.cast(0.5 * (inverse + tf.transpose(inverse)), tf.float32)
 
     def multiply(self, matrix: tf.Tensor, operand: tf.Tensor, axis: int, transpose: bool = False) -> tf.Tensor:

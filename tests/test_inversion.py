@@ -8,7 +8,7 @@ import reference as ref
 import tensorflow as tf
 
 import keras_kfac
-from keras_kfac.factors import DenseFactor, DiagonalFactor, factor_for
+from keras_kfac.factors import DenseFactor, DiagonalFactor, factor_for, lower_triangular_inverse, spd_inverse
 from keras_kfac.inversion import EigenbasisAdamInversion, EigenInversion, FactoredInversion, pi_factor
 
 
@@ -154,6 +154,36 @@ def test_factored_inverses_flag_non_finite_input():
     strategy = FactoredInversion(DenseFactor(3), DenseFactor(2))
     _, ok = strategy.compute([tf.constant(bad), tf.eye(2)], 1e-3)
     assert not bool(ok)
+
+
+@pytest.mark.parametrize("size, solve_size", [(1, 1), (2, 1), (7, 2), (33, 4), (256, 256), (257, 256), (700, 256)])
+def test_lower_triangular_inverse_by_blocks_matches_numpy(size, solve_size):
+    rng = np.random.default_rng(size)
+    lower = np.tril(rng.normal(size=(size, size))) / np.sqrt(size) + np.diag(rng.uniform(1.0, 2.0, size))
+    inverse = lower_triangular_inverse(tf.constant(lower), solve_size).numpy()
+    assert ref.rel_err(inverse, np.linalg.inv(lower)) < 1e-12
+    assert np.all(np.triu(inverse, 1) == 0.0)
+
+
+@pytest.mark.parametrize("size, solve_size", [(5, 2), (300, 256), (600, 256), (600, 64)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_spd_inverse_matches_numpy_across_the_split(size, solve_size, dtype):
+    """A damped Gram matrix of low rank (as a factor is) inverted by blocks, against float64 NumPy."""
+    rng = np.random.default_rng(size + solve_size)
+    rows = rng.normal(size=(size // 2, size))
+    matrix = rows.T @ rows / rows.shape[0] + 1e-2 * np.eye(size)
+    expected = np.linalg.inv(matrix)
+    inverse = spd_inverse(tf.constant(matrix, dtype), solve_size).numpy()
+    assert ref.rel_err(inverse, expected) < (2e-4 if dtype == "float32" else 1e-10)
+    compiled = tf.function(lambda m: spd_inverse(m, solve_size), jit_compile=True)
+    assert ref.rel_err(compiled(tf.constant(matrix, dtype)).numpy(), expected) < (2e-4 if dtype == "float32" else 1e-10)
+
+
+def test_spd_inverse_of_a_matrix_that_is_not_positive_definite_is_not_finite():
+    matrix = np.eye(400)
+    matrix[300, 300] = -1.0
+    inverse = spd_inverse(tf.constant(matrix, tf.float32))
+    assert not np.all(np.isfinite(inverse.numpy()))
 
 
 def _basis_adam_reference(factors, grads, beta_2=0.999, epsilon=1e-7):
