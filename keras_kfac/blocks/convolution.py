@@ -116,8 +116,11 @@ def choose_locations(count, locations: int, seed) -> tf.Tensor:
     return tf.argsort(scores)[:locations]
 
 
-def sample_locations(per_example: tf.Tensor, locations: int, seed) -> tf.Tensor:
-    """The locations (axis 1) of `per_example` at `choose_locations`, the same for every example."""
+def sample_locations(per_example: tf.Tensor, locations: int | None, seed) -> tf.Tensor:
+    """The locations (axis 1) of `per_example` at `choose_locations`, the same for every example;
+    all of them, as they are, when `locations` is None."""
+    if locations is None:
+        return per_example
     return tf.gather(per_example, choose_locations(tf.shape(per_example)[1], locations, seed), axis=1)
 
 
@@ -158,9 +161,7 @@ class ConvolutionBlock(KroneckerBlock):
 
     def input_rows(self, inputs, locations=None, seed=None):
         geometry = None if locations is None else self.geometry(inputs)
-        if locations is None:
-            per_example = self.patches(inputs)
-        elif geometry is None:
+        if geometry is None:  # every patch formed; a sample of their locations when `locations` is set
             per_example = sample_locations(self.patches(inputs), locations, seed)
         else:  # only the sampled locations' patches: the same rows as sampling all of them
             layer = self.layer

@@ -88,14 +88,6 @@ def channel_gram(rows: tf.Tensor, with_ones: bool = False) -> tf.Tensor:
     return tf.concat([top, bottom], axis=1)
 
 
-def sample_locations(per_example: tf.Tensor, locations, seed) -> tf.Tensor:
-    """(examples, L, ...) → (examples, min(L, locations), ...): a uniform random subset of the
-    locations (the same for every example), drawn from the stateless `seed`."""
-    if locations is None:
-        return per_example
-    return convolution.sample_locations(per_example, locations, seed)
-
-
 class ChannelKroneckerInversion:
     """The damped inverse of blockdiag_c (A_c ⊗ G_c), stacked on a leading channel axis
     (eigen or factored damping, see the module doc).  Gradients are (C, dim_a, dim_g)."""
@@ -187,7 +179,7 @@ class DepthwisePart:
             inputs, sizes=self._sizes, strides=self._strides, rates=self._rates, padding=self._padding
         )
         per_example = tf.reshape(patches, (tf.shape(patches)[0], -1, self.taps, self.channels))
-        per_example = sample_locations(per_example, locations, seed)
+        per_example = convolution.sample_locations(per_example, locations, seed)
         return tf.transpose(tf.reshape(per_example, (-1, self.taps, self.channels)), (2, 0, 1))
 
     def output_rows(self, grads) -> tf.Tensor:
@@ -421,7 +413,7 @@ class SeparableConv2DBlock(CurvatureBlock):
         for z, s in zip(inputs[1::2], seeds):
             z = tf.cast(z, tf.float32)
             per_example = tf.reshape(z, (tf.shape(z)[0], -1, self.in_features))
-            rows_a.append(tf.reshape(sample_locations(per_example, locations, s), (-1, self.in_features)))
+            rows_a.append(tf.reshape(convolution.sample_locations(per_example, locations, s), (-1, self.in_features)))
         rows_a = tf.concat(rows_a, axis=0)
         rows_g = tf.concat(
             [tf.reshape(tf.cast(g, tf.float32), (-1, self.out_features)) for g in targets_grads[1::2]],
