@@ -331,9 +331,7 @@ def test_step_time_only_keeps_commas_inside_a_name():
     """Row names may hold a comma inside their parentheses; `--only` splits between names only,
     so every row can be asked for (splitting on every comma made such rows unknown)."""
     step_time = _benchmark("step_time")
-    names = step_time.configuration_names(
-        "kfac (stats of 128 examples),kfac (stats every step, 16 locations), adam"
-    )
+    names = step_time.configuration_names("kfac (stats of 128 examples),kfac (stats every step, 16 locations), adam")
     assert names == ["kfac (stats of 128 examples)", "kfac (stats every step, 16 locations)", "adam"]
     known = step_time.configurations()
     assert all(step_time.configuration_names(name) == [name] for name in known)

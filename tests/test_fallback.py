@@ -131,9 +131,7 @@ class _LoopedDense(keras.layers.Layer):
 
 
 # (XLA cannot differentiate a tf.while_loop without maximum_iterations, with or without K-FAC.)
-@pytest.mark.parametrize(
-    "kind, jit_compile", [("rnn_cell", False), ("rnn_cell", True), ("while_loop", False)], ids=str
-)
+@pytest.mark.parametrize("kind, jit_compile", [("rnn_cell", False), ("rnn_cell", True), ("while_loop", False)], ids=str)
 def test_a_dense_layer_called_in_a_loop_trains_with_the_fallback(kind, jit_compile):
     rng = np.random.default_rng(1)
     if kind == "rnn_cell":

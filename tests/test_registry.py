@@ -100,7 +100,9 @@ def test_a_subclass_that_overrides_call_gets_no_inherited_block():
     assert block is None and "overrides call()" in reason
 
 
-@pytest.mark.parametrize("exclude", ["first", ["first"], lambda layer: layer.name == "first"], ids=str)
+@pytest.mark.parametrize(
+    "exclude", ["first", ["first"], lambda layer: layer.name == "first"], ids=["name", "list", "callable"]
+)
 def test_excluded_layers_go_to_the_fallback(exclude):
     x, y = _data()
     model = keras_kfac.Sequential(
