@@ -338,3 +338,16 @@ def test_step_time_only_keeps_commas_inside_a_name():
     assert step_time.configuration_names(",".join(known)) == list(known)
     made = known["kfac (stats of 128 examples, 16 locations)"]()
     assert (made.stats_batch_size, made.stats_locations) == (128, 16)
+
+
+def test_weight_averaging_parses_the_averages_it_is_asked_for():
+    """`--averages` names ema<β> / poly<η> averages; each update weight matches its closed form."""
+    averaging = _benchmark("weight_averaging")
+    averages = averaging.parse_averages("poly16, ema0.98,poly3")
+    assert averages == {"poly16": ("poly", 16.0), "ema0.98": ("ema", 0.98), "poly3": ("poly", 3.0)}
+    assert averaging.averaging_weight(*averages["poly16"], step=5) == pytest.approx(17.0 / 21.0)
+    assert averaging.averaging_weight(*averages["ema0.98"], step=5) == pytest.approx(0.02)
+    assert list(averaging.parse_averages(averaging.DEFAULT_AVERAGES)) == averaging.DEFAULT_AVERAGES.split(",")
+    for name in ("poly", "sma3", "ema0.9x"):
+        with pytest.raises(ValueError, match="unknown average"):
+            averaging.parse_averages(name)
