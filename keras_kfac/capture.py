@@ -14,6 +14,7 @@ those layers before training (their variables then go to the fallback optimizer)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import tensorflow as tf
 
@@ -57,7 +58,7 @@ class Recording:
 
 
 @contextlib.contextmanager
-def capture(blocks):
+def capture(blocks: list) -> Iterator[Recording]:
     """Context manager yielding a `Recording` of every block layer called inside it."""
     recording = Recording(blocks)
     saved = []

@@ -40,7 +40,7 @@ def _inside_rnn(model) -> set:
     return inside
 
 
-def input_spec_of(model):
+def input_spec_of(model: keras.Model) -> tf.TensorSpec | list | None:
     """A `tf.TensorSpec` structure for the model's inputs (batch axis free), or None when the
     model has no symbolic inputs (a subclassed model)."""
     inputs = getattr(model, "inputs", None)
@@ -50,7 +50,7 @@ def input_spec_of(model):
     return specs[0] if len(specs) == 1 else specs
 
 
-def spec_of_batch(x):
+def spec_of_batch(x) -> tf.TensorSpec | list | tuple | dict:
     """A `tf.TensorSpec` structure for a batch of inputs, batch axis free."""
     return tf.nest.map_structure(lambda t: tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype), x)
 

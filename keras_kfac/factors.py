@@ -145,7 +145,7 @@ class DiagonalFactor:
         return matrix * (operand[:, None] if axis == 0 else operand[None, :])
 
 
-def factor_for(size: int, max_factor_size: int | None):
+def factor_for(size: int, max_factor_size: int | None) -> DenseFactor | DiagonalFactor:
     """A dense factor up to `max_factor_size` (None: no limit), a diagonal one above it."""
     if max_factor_size is not None and size > max_factor_size:
         return DiagonalFactor(size)

@@ -142,7 +142,9 @@ def cross_gram(rows_x: tf.Tensor, ones_x: bool, rows_y: tf.Tensor, ones_y: bool)
     return tf.matmul(rows_x, rows_y, transpose_a=True)
 
 
-def cross_factors(first, second, inputs_first, inputs_second, grads_first, grads_second, num_examples):
+def cross_factors(
+    first, second, inputs_first, inputs_second, grads_first, grads_second, num_examples
+) -> tuple[tf.Tensor, tf.Tensor]:
     """Batch estimates (Ā_{i,i+1}, G_{i,i+1}) of two consecutive Dense blocks, each called once:
     Ā_{i,i+1} = mean over rows of ā_{i−1} ā_iᵀ, G_{i,i+1} = (1/m) Σ_rows g_i g_{i+1}ᵀ."""
     rows_a1 = first.input_rows(tf.cast(inputs_first, tf.float32))
@@ -175,7 +177,9 @@ def _joint_basis(spd: tf.Tensor, other: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor
     return basis, tf.maximum(values, 0.0)
 
 
-def link_state(factor_a, factor_g, inverse_a_next, inverse_g_next, cross_a, cross_g, damping, dtype=tf.float32):
+def link_state(
+    factor_a, factor_g, inverse_a_next, inverse_g_next, cross_a, cross_g, damping, dtype=tf.float32
+) -> tuple:
     """What the step needs for the link (i, i+1), computed in `dtype`, returned in float32:
     (Ψᴬ, Ψᴳ, K_1, s_1, K_2, s_2, ok) for Σ_{i|i+1} = Ã_i ⊗ G̃_i − C ⊗ D (module docstring).
 

@@ -41,7 +41,9 @@ from keras_kfac.blocks.convolution import (
 )
 
 
-def transpose_output_size(size, kernel: int, stride: int, dilation: int, padding: str, output_padding):
+def transpose_output_size(
+    size, kernel: int, stride: int, dilation: int, padding: str, output_padding
+) -> int | tf.Tensor:
     """The layer's output size along one axis (Keras' rule)."""
     span = (kernel - 1) * dilation + 1
     if padding == "valid":

@@ -37,7 +37,7 @@ def static_dims(x: tf.Tensor) -> list:
     return [d if d is not None else dynamic[i] for i, d in enumerate(x.shape)]
 
 
-def nonnegative(value):
+def nonnegative(value: int | tf.Tensor) -> int | tf.Tensor:
     return max(value, 0) if isinstance(value, int) else tf.maximum(value, 0)
 
 
