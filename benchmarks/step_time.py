@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py [--rounds 5] [--steps 40] [--json out.json] [--only NAME,...]
                                    [--models mlp,cnn,vit,mobilenet_v2] [--no-breakdown] [--warmup-steps N]
+    python benchmarks/step_time.py --inversions-only [--models ...] [--rounds 5]
 
 Models: (a) MLP 784-256-256-10 at batch 256, (b) the AlexNet-style CNN of
 `keras_kfac.models.alexnet` at batch 128, (c) the small ViT of `keras_kfac.models.vit` at batch
@@ -16,8 +17,11 @@ statistics and inversions; the median and the interquartile range describe a typ
 
 The K-FAC breakdown is measured by difference: "statistics" is (K-FAC with statistics every
 step, no inversions) − (K-FAC with neither); "inversion" is the time of one call of the
-inversions (Cholesky inverses, the default) divided by `inverse_every`; "preconditioning" is (K-FAC with neither) −
-the reference (Adam or AdamW), i.e. the preconditioned update and its bookkeeping.  The floor is the arithmetic of
+inversions (Cholesky inverses, the default) as the train step runs them (compiled, in a graph), and
+that divided by `inverse_every` (`--inversions-only` times that call alone, and called eagerly
+beside it, as this script timed it before 2026-12-05: op by op, several times slower);
+"preconditioning" is (K-FAC with neither) − the reference (Adam or AdamW), i.e. the preconditioned
+update and its bookkeeping.  The floor is the arithmetic of
 preconditioning (two products per side per Kronecker block, per channel for depthwise blocks; the per-feature
 2x2 blocks of the normalization layers are not counted) over the arithmetic of a forward and backward pass
 (Dense, EinsumDense, Conv2D and DepthwiseConv2D kernels and the attention products), plus one.
@@ -213,6 +217,52 @@ def time_eigh(size: int, repeats: int, jit: bool) -> float:
     return statistics.median(times)
 
 
+def compiled_inversions(opt: keras_kfac.KFAC):
+    """The optimizer's inversions as its train step runs them: inside a graph, where
+    `update_inverses` calls its compiled function (called eagerly it runs op by op, which took
+    about 2.4x as long for the CNN's factors here)."""
+    return tf.function(opt.update_inverses, autograph=False)
+
+
+def time_inversions(opt: keras_kfac.KFAC, repeats: int) -> float:
+    """Median seconds of one call of `compiled_inversions(opt)` (after one untimed call)."""
+    inversions = compiled_inversions(opt)
+    inversions().numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        inversions().numpy()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def inversion_calls(model_name: str, repeats: int) -> dict:
+    """One call of `KFAC()`'s inversions on `model_name` (factors from three steps of random
+    data), compiled as the train step runs it and called eagerly (as this script timed it
+    before 2026-12-05), alternating; medians of `repeats` calls in ms."""
+    batch, input_shape, _ = MODELS[model_name]
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(size=(batch, *input_shape)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=batch))
+    keras.utils.set_random_seed(0)
+    runner = Runner(model_name, make_model(model_name).get_weights(), configurations()["kfac (defaults)"], x, y)
+    for _ in range(3):
+        runner.step()
+    opt = runner.model.optimizer
+    paths = {"compiled": compiled_inversions(opt), "eager": opt.update_inverses}
+    times = {name: [] for name in paths}
+    for call in paths.values():
+        call().numpy()
+    for _ in range(repeats):
+        for name, call in paths.items():
+            start = time.perf_counter()
+            call().numpy()
+            times[name].append(time.perf_counter() - start)
+    result = {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
+    result["inverse_every"] = opt.inverse_every
+    return result
+
+
 def benchmark_model(
     model_name: str,
     batch: int,
@@ -268,15 +318,8 @@ def benchmark_model(
         skipped = getattr(runner.model.optimizer, "skipped_steps", None)
         if skipped is not None and int(skipped.numpy()):
             raise RuntimeError(f"{name}: {int(skipped.numpy())} non-finite steps were skipped; timings invalid")
-    # Inversion: one call of the compiled inversions (Cholesky by default), as the optimizer runs them.
     opt = runners["kfac (defaults)"].model.optimizer
-    opt.update_inverses()
-    inv_times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        opt.update_inverses().numpy()
-        inv_times.append(time.perf_counter() - start)
-    inversion_ms = 1e3 * statistics.median(inv_times)
+    inversion_ms = 1e3 * time_inversions(opt, repeats=5)
     c = result["configs"]
     breakdown = {f"{reference_name} step": c[reference_name]["mean_ms"]}
     if breakdown_configs:
@@ -362,6 +405,12 @@ def main(argv=None) -> dict:
         help="comma-separated configurations to add to the core ones (a comma inside a name's parentheses "
         "belongs to the name; default: all)",
     )
+    parser.add_argument(
+        "--inversions-only",
+        action="store_true",
+        help="time only one call of KFAC()'s inversions per model, compiled (as the train step runs "
+        "it) and called eagerly",
+    )
     args = parser.parse_args(argv)
 
     def check_known(what: str, given, known) -> None:
@@ -376,6 +425,20 @@ def main(argv=None) -> dict:
         only = []  # the short core alone
     names = args.models.split(",")
     check_known("models", names, MODELS)
+    if args.inversions_only:
+        calls = {m: inversion_calls(m, args.rounds) for m in names}
+        print(f"# step_time.py --inversions-only — {machine()['date']}, {machine()['cpu']}")
+        for m, c in calls.items():
+            print(
+                f"{m}: one inversion call, compiled {c['compiled_ms']:.1f} ms, eager {c['eager_ms']:.1f} ms "
+                f"({c['eager_ms'] / c['compiled_ms']:.2f}x); compiled per step at inverse_every="
+                f"{c['inverse_every']}: {c['compiled_ms'] / c['inverse_every']:.2f} ms"
+            )
+        out = {"machine": machine(), "inversion_calls": calls}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return out
     results = [
         benchmark_model(m, MODELS[m][0], args.rounds, args.steps, only, args.warmup_steps, not args.no_breakdown)
         for m in names

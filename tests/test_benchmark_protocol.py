@@ -11,6 +11,7 @@ import sys
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_kfac
 
@@ -351,3 +352,47 @@ def test_weight_averaging_parses_the_averages_it_is_asked_for():
     for name in ("poly", "sma3", "ema0.9x"):
         with pytest.raises(ValueError, match="unknown average"):
             averaging.parse_averages(name)
+
+
+def test_step_time_times_the_inversions_the_train_step_runs():
+    """The breakdown's inversion is timed as the train step runs it, inside a graph (called
+    eagerly, `update_inverses` runs op by op: another, slower, path), and that call computes
+    the same inverses as the training step's: (A + π√λ I)⁻¹ against NumPy in float64."""
+    step_time = _benchmark("step_time")
+    model = keras_kfac.Sequential([keras.Input((6,)), keras.layers.Dense(4), keras.layers.Dense(3)])
+    opt = keras_kfac.KFAC(learning_rate=1e-3)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    model.fit(rng.normal(size=(32, 6)), rng.integers(0, 3, 32), batch_size=32, epochs=1, verbose=0)
+    eager_flags = []
+    inner = opt._update_inverses
+
+    def recording(*args, **kwargs):
+        eager_flags.append(tf.executing_eagerly())
+        return inner(*args, **kwargs)
+
+    opt._update_inverses = recording
+    opt._state.compiled.pop("inverses", None)  # traced again, through `recording`
+    seconds = step_time.time_inversions(opt, repeats=2)
+    assert seconds > 0.0
+    assert eager_flags and not any(eager_flags)  # traced into a graph, never run eagerly
+    block = opt.blocks[0]
+    a = block.factor_a.numpy().astype(np.float64)
+    g = block.factor_g.numpy().astype(np.float64)
+    pi = np.sqrt((np.trace(a) / a.shape[0]) / (np.trace(g) / g.shape[0]))
+    shift = pi * np.sqrt(float(opt.damping))
+    expected = np.linalg.inv(a + shift * np.eye(a.shape[0]))
+    np.testing.assert_allclose(
+        block.inverse_variables[0].numpy(), expected, rtol=2e-3, atol=1e-4 * np.abs(expected).max()
+    )
+
+
+def test_step_time_inversions_only_times_both_calls(tmp_path):
+    """`--inversions-only` reports one inversion call per model, compiled and eager, and writes them."""
+    step_time = _benchmark("step_time")
+    out = tmp_path / "inversions.json"
+    result = step_time.main(["--models", "mlp", "--inversions-only", "--rounds", "1", "--json", str(out)])
+    calls = result["inversion_calls"]["mlp"]
+    assert calls["compiled_ms"] > 0.0 and calls["eager_ms"] > 0.0
+    assert calls["inverse_every"] == keras_kfac.KFAC().inverse_every
+    assert json.loads(out.read_text())["inversion_calls"]["mlp"] == calls
