@@ -217,10 +217,10 @@ def time_eigh(size: int, repeats: int, jit: bool) -> float:
     return statistics.median(times)
 
 
-def compiled_inversions(opt: keras_kfac.KFAC):
+def compiled_inversions(opt: keras_kfac.KFAC) -> tf.types.experimental.PolymorphicFunction:
     """The optimizer's inversions as its train step runs them: inside a graph, where
-    `update_inverses` calls its compiled function (called eagerly it runs op by op, which took
-    about 2.4x as long for the CNN's factors here)."""
+    `update_inverses` calls its compiled function (called eagerly it runs op by op, 2.2x to 8.5x
+    as long for this script's models: BENCHMARKS.md, "The breakdown's inversion")."""
     return tf.function(opt.update_inverses, autograph=False)
 
 
@@ -409,7 +409,7 @@ def main(argv=None) -> dict:
         "--inversions-only",
         action="store_true",
         help="time only one call of KFAC()'s inversions per model, compiled (as the train step runs "
-        "it) and called eagerly",
+        "it) and called eagerly, --rounds calls of each",
     )
     args = parser.parse_args(argv)
 
@@ -427,14 +427,15 @@ def main(argv=None) -> dict:
     check_known("models", names, MODELS)
     if args.inversions_only:
         calls = {m: inversion_calls(m, args.rounds) for m in names}
-        print(f"# step_time.py --inversions-only — {machine()['date']}, {machine()['cpu']}")
+        info = machine()
+        print(f"# step_time.py --inversions-only — {info['date']}, {info['cpu']}, {info['cores']} cores")
         for m, c in calls.items():
             print(
                 f"{m}: one inversion call, compiled {c['compiled_ms']:.1f} ms, eager {c['eager_ms']:.1f} ms "
                 f"({c['eager_ms'] / c['compiled_ms']:.2f}x); compiled per step at inverse_every="
                 f"{c['inverse_every']}: {c['compiled_ms'] / c['inverse_every']:.2f} ms"
             )
-        out = {"machine": machine(), "inversion_calls": calls}
+        out = {"machine": info, "inversion_calls": calls}
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
