@@ -169,6 +169,11 @@ class KFAC(keras.optimizers.Optimizer):
             gradient and the losses of ρ stay the whole batch's.
         stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
             output locations per example (None: all of them); G always uses all.
+        input_stats_batch_size: Kronecker blocks (Dense, EinsumDense, convolutions) compute A from
+            the first k examples of the statistics sample only (the first k along the recorded
+            inputs' first axis), while G uses all of it (None: A from all of it too).  A's Gram
+            matrices are most of a statistics step's arithmetic; the sampled-target pass that G
+            needs is the same either way.  Other blocks ignore it.
         fallback: Keras optimizer (instance, name or config) for variables without a block.
             Default: Adam at this optimizer's learning rate with graft="adam" or "auto", else SGD with
             its learning rate and momentum; either gets this optimizer's weight decay (and
@@ -227,6 +232,7 @@ class KFAC(keras.optimizers.Optimizer):
         stats_batch_size=128,
         curvature_batch_size=None,
         stats_locations=16,
+        input_stats_batch_size=None,
         fallback=None,
         inverse_jit="auto",
         inverse_dtype="float32",
@@ -295,6 +301,8 @@ class KFAC(keras.optimizers.Optimizer):
             args.check_number("curvature_batch_size", curvature_batch_size, low=1, integer=True)
         if stats_locations is not None:
             args.check_number("stats_locations", stats_locations, low=1, integer=True)
+        if input_stats_batch_size is not None:
+            args.check_number("input_stats_batch_size", input_stats_batch_size, low=1, integer=True)
         args.check_choice("inverse_jit", inverse_jit, ("auto", True, False))
         args.check_choice("statistics_jit", statistics_jit, ("auto", True, False))
         args.check_choice("inverse_dtype", inverse_dtype, ("float32", "float64"))
@@ -355,6 +363,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.stats_batch_size = stats_batch_size
         self.curvature_batch_size = curvature_batch_size
         self.stats_locations = stats_locations
+        self.input_stats_batch_size = input_stats_batch_size
         self.fallback = fallback
         self.exclude = exclude
         self.max_factor_size = max_factor_size
@@ -402,6 +411,7 @@ class KFAC(keras.optimizers.Optimizer):
             damping_mode=self.damping_mode,
             max_factor_size=self.max_factor_size,
             stats_locations=self.stats_locations,
+            input_stats_batch_size=self.input_stats_batch_size,
             inverse_dtype=self.inverse_dtype,
             weight_sharing=self.weight_sharing,
             diagonal_fisher=self.diagonal_fisher,
@@ -1214,6 +1224,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "stats_batch_size": self.stats_batch_size,
                 "curvature_batch_size": self.curvature_batch_size,
                 "stats_locations": self.stats_locations,
+                "input_stats_batch_size": self.input_stats_batch_size,
                 "fallback": fallback,
                 "exclude": exclude,
                 "max_factor_size": self.max_factor_size,

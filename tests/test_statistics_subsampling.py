@@ -174,3 +174,80 @@ def test_sampled_locations_gather_only_their_patches(layer, shape):
         chosen_xla = tf.function(lambda seed: choose_locations(count, 5, seed), jit_compile=True)(seed).numpy()
         np.testing.assert_allclose(rows_xla, full[:, chosen_xla], rtol=0, atol=1e-6)
         np.testing.assert_array_equal(rows_xla, compiled_former(tf.constant(x), seed).numpy())
+
+
+def _small_cnn():
+    return keras_kfac.Sequential(
+        [
+            keras.Input((6, 6, 1)),
+            keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+
+
+def test_input_stats_batch_size_takes_a_from_the_first_examples_and_g_from_all():
+    """A of every Kronecker block from the first k examples (as statistics of those k alone),
+    G from all of them (as without the option); the conv's A against NumPy's patches."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 6, 6, 1)).astype("float32")
+    y = rng.integers(0, 3, size=12)
+    names = ("option", "first", "all")
+    models = {name: _small_cnn() for name in names}
+    for model in models.values():
+        model.set_weights(models["option"].get_weights())
+    opts = {
+        "option": _kfac(stats_batch_size=None, stats_locations=None, input_stats_batch_size=5),
+        "first": _kfac(stats_batch_size=None, stats_locations=None),
+        "all": _kfac(stats_batch_size=None, stats_locations=None),
+    }
+    for name, model in models.items():
+        model.compile(optimizer=opts[name], loss="sparse_categorical_crossentropy")
+    models["option"].train_on_batch(x, y)
+    models["all"].train_on_batch(x, y)
+    models["first"].train_on_batch(x[:5], y[:5])  # the same weights, statistics of 5 examples alone
+    checked = 0
+    for option, first, whole in zip(*(models[name].layers for name in names)):
+        if not option.weights:
+            continue
+        a, g = opts["option"].factors()[option.name]
+        np.testing.assert_allclose(a.numpy(), opts["first"].factors()[first.name][0].numpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(g.numpy(), opts["all"].factors()[whole.name][1].numpy(), rtol=1e-5, atol=1e-9)
+        assert not np.allclose(g.numpy(), opts["first"].factors()[first.name][1].numpy(), rtol=1e-3)
+        checked += 1
+    assert checked == 2
+    conv = models["option"].layers[0]
+    patches, _ = conv_patches(x[:5].astype(np.float64), (3, 3), (1, 1), "same", (1, 1))
+    rows = ref.with_ones(patches.reshape(-1, 9))
+    assert ref.rel_err(opts["option"].factors()[conv.name][0].numpy(), rows.T @ rows / len(rows)) < 1e-6
+
+
+def test_input_stats_batch_size_leaves_the_ekfac_scaling_on_every_example():
+    """damping_mode="ekfac" (eigenbases still the identity): A from the first 4 examples, G and
+    S = mean_n (ā_n g_nᵀ)² from all 10 (NumPy, float64)."""
+    layer = keras.layers.Dense(3)
+    layer.build((None, 5))
+    block, _ = blocks.block_for_layer(layer, BlockOptions(damping_mode="ekfac", input_stats_batch_size=4))
+
+    def add(shape, initializer, name):
+        return tf.Variable(keras.initializers.get(initializer)(shape), name=name)
+
+    block.build(add)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(10, 5))
+    g = rng.normal(size=(10, 3))
+    a_batch, g_batch, s_batch = block.batch_statistics([tf.constant(x, tf.float32)], [tf.constant(g, tf.float32)], 10)
+    rows = ref.with_ones(x)
+    assert ref.rel_err(a_batch.numpy(), rows[:4].T @ rows[:4] / 4) < 1e-6
+    assert ref.rel_err(g_batch.numpy(), g.T @ g / 10) < 1e-6
+    per_example = rows[:, :, None] * g[:, None, :]
+    assert ref.rel_err(s_batch.numpy(), np.mean(per_example**2, axis=0)) < 1e-6
+
+
+def test_input_stats_batch_size_is_checked_and_configured():
+    with pytest.raises(ValueError, match="input_stats_batch_size"):
+        keras_kfac.KFAC(input_stats_batch_size=0)
+    opt = keras_kfac.KFAC(input_stats_batch_size=32)
+    assert opt.get_config()["input_stats_batch_size"] == 32
+    assert keras_kfac.KFAC.from_config(opt.get_config()).block_options.input_stats_batch_size == 32

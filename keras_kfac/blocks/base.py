@@ -24,6 +24,7 @@ class BlockOptions:
     damping_mode: str = "factored"
     max_factor_size: int | None = 8192
     stats_locations: int | None = None
+    input_stats_batch_size: int | None = None  # A from the first k examples of the statistics sample
     inverse_dtype: str = "float32"
     weight_sharing: str | None = None  # "expand" or "reduce" over shared positions (None: the block's default)
     diagonal_fisher: bool = False  # layers without a block get a `DiagonalFisherBlock`

@@ -133,10 +133,13 @@ class KroneckerBlock(CurvatureBlock):
     # -- math ----------------------------------------------------------------------------
     def batch_statistics(self, inputs, targets_grads, num_examples, seed=None) -> list:
         """[A, G] of the batch (see module doc).  With `stats_locations`, A averages over a
-        random subset of the spatial locations (an unbiased estimate of the same mean)."""
+        random subset of the spatial locations (an unbiased estimate of the same mean); with
+        `input_stats_batch_size` k, over the rows of the first k examples only (G: all of them)."""
         locations = self.options.stats_locations
+        first = self.options.input_stats_batch_size
+        inputs_a = inputs if first is None else [x[:first] for x in inputs]
         calls_a = []
-        for call, x in enumerate(inputs):
+        for call, x in enumerate(inputs_a):
             call_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, call)
             calls_a.append(self.input_rows(tf.cast(x, tf.float32), locations, call_seed))
         calls_g = [self.output_rows(tf.cast(g, tf.float32)) for g in targets_grads]
@@ -146,7 +149,7 @@ class KroneckerBlock(CurvatureBlock):
         factor_g = self.side_g.gram(tf.concat(calls_g, axis=0)) / tf.cast(num_examples, tf.float32)
         if not (self.inversion.per_example_scaling and self._moments):
             return [factor_a, factor_g]
-        if locations is not None:  # S needs every location: the rows of A are a subset
+        if locations is not None or first is not None:  # S needs every row: those of A are a subset
             calls_a = [self.input_rows(tf.cast(x, tf.float32)) for x in inputs]
         return [factor_a, factor_g, self.batch_scaling(inputs, calls_a, calls_g)]
 
