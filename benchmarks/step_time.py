@@ -224,41 +224,46 @@ def compiled_inversions(opt: keras_kfac.KFAC) -> tf.types.experimental.Polymorph
     return tf.function(opt.update_inverses, autograph=False)
 
 
+def alternating_medians(calls: dict, repeats: int) -> dict:
+    """{name: median seconds} of `repeats` calls of each zero-argument callable (each returns a
+    tensor, read to wait for it), after one untimed call each, alternating between them."""
+    for call in calls.values():
+        call().numpy()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call().numpy()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def time_inversions(opt: keras_kfac.KFAC, repeats: int) -> float:
     """Median seconds of one call of `compiled_inversions(opt)` (after one untimed call)."""
-    inversions = compiled_inversions(opt)
-    inversions().numpy()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        inversions().numpy()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return alternating_medians({"compiled": compiled_inversions(opt)}, repeats)["compiled"]
+
+
+def random_batch(model_name: str) -> tuple[tf.Tensor, tf.Tensor]:
+    """The benchmark's batch for `model_name`: uniform images and random labels (seed 0)."""
+    batch, input_shape, _ = MODELS[model_name]
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(size=(batch, *input_shape)).astype("float32"))
+    y = tf.constant(rng.integers(0, 10, size=batch))
+    return x, y
 
 
 def inversion_calls(model_name: str, repeats: int) -> dict:
     """One call of `KFAC()`'s inversions on `model_name` (factors from three steps of random
     data), compiled as the train step runs it and called eagerly (as this script timed it
     before 2026-12-05), alternating; medians of `repeats` calls in ms."""
-    batch, input_shape, _ = MODELS[model_name]
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.uniform(size=(batch, *input_shape)).astype("float32"))
-    y = tf.constant(rng.integers(0, 10, size=batch))
+    x, y = random_batch(model_name)
     keras.utils.set_random_seed(0)
     runner = Runner(model_name, make_model(model_name).get_weights(), configurations()["kfac (defaults)"], x, y)
     for _ in range(3):
         runner.step()
     opt = runner.model.optimizer
-    paths = {"compiled": compiled_inversions(opt), "eager": opt.update_inverses}
-    times = {name: [] for name in paths}
-    for call in paths.values():
-        call().numpy()
-    for _ in range(repeats):
-        for name, call in paths.items():
-            start = time.perf_counter()
-            call().numpy()
-            times[name].append(time.perf_counter() - start)
-    result = {f"{name}_ms": 1e3 * statistics.median(t) for name, t in times.items()}
+    medians = alternating_medians({"compiled": compiled_inversions(opt), "eager": opt.update_inverses}, repeats)
+    result = {f"{name}_ms": 1e3 * seconds for name, seconds in medians.items()}
     result["inverse_every"] = opt.inverse_every
     return result
 
@@ -275,15 +280,13 @@ def benchmark_model(
     """Times every configuration (the core ones and `only`, all when None) on `model_name`;
     without `breakdown_configs` the core is Adam, the reference and K-FAC's defaults (the
     breakdown then has the reference step and the inversion only)."""
-    _, input_shape, reference_name = MODELS[model_name]
+    reference_name = MODELS[model_name][2]
     core = CORE if breakdown_configs else ("adam", "kfac (defaults)")
     core += (reference_name,) if reference_name not in core else ()
     keras.utils.set_random_seed(0)
     reference = make_model(model_name)
     weights = reference.get_weights()
-    rng = np.random.default_rng(0)
-    x = tf.constant(rng.uniform(size=(batch, *input_shape)).astype("float32"))
-    y = tf.constant(rng.integers(0, 10, size=batch))
+    x, y = random_batch(model_name)
     configs = {name: make for name, make in configurations().items() if only is None or name in core or name in only}
     inverse_every = keras_kfac.KFAC().inverse_every
     runners = {name: Runner(model_name, weights, make, x, y) for name, make in configs.items()}

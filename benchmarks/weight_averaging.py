@@ -54,7 +54,6 @@ def parse_averages(names: str) -> dict:
 
 
 DEFAULT_AVERAGES = "ema0.99,ema0.995,ema0.998,poly3,poly8"
-AVERAGES = parse_averages(DEFAULT_AVERAGES)
 
 
 def averaging_weight(kind: str, constant: float, step: int) -> float:
@@ -65,7 +64,7 @@ def averaging_weight(kind: str, constant: float, step: int) -> float:
 class AveragedEvaluation(keras.callbacks.Callback):
     """Keeps the running `averages` ({name: (kind, constant)}) and evaluates them beside the raw weights."""
 
-    def __init__(self, eval_every: int, last_step: int, images, labels, averages: dict = AVERAGES):
+    def __init__(self, eval_every: int, last_step: int, images, labels, averages: dict):
         super().__init__()
         self.eval_every, self.last_step, self.average_kinds = eval_every, last_step, averages
         self.images, self.labels = images, labels
