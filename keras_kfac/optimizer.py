@@ -173,8 +173,8 @@ class KFAC(keras.optimizers.Optimizer):
             the first k examples of the statistics sample only (the first k along the recorded
             inputs' first axis), while G uses all of it (None: A from all of it too).  A's Gram
             matrices are most of a statistics step's arithmetic; the sampled-target pass that G
-            needs is the same either way.  Other blocks ignore it; not with
-            approximation="block_tridiagonal".
+            needs is the same either way.  Other blocks ignore it; under
+            approximation="block_tridiagonal" the cross factors Ā_{i,i+1} use the same k examples.
         fallback: Keras optimizer (instance, name or config) for variables without a block.
             Default: Adam at this optimizer's learning rate with graft="adam" or "auto", else SGD with
             its learning rate and momentum; either gets this optimizer's weight decay (and
@@ -310,12 +310,6 @@ class KFAC(keras.optimizers.Optimizer):
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"`seed` must be an integer; received seed={seed!r}.")
         args.check_choice("approximation", approximation, tridiagonal.APPROXIMATIONS)
-        if approximation == "block_tridiagonal" and input_stats_batch_size is not None:
-            raise ValueError(
-                "`input_stats_batch_size` is not supported with `approximation='block_tridiagonal'`: the "
-                "cross factors between consecutive layers use the whole statistics sample, and A from fewer "
-                f"examples would not match them; received input_stats_batch_size={input_stats_batch_size!r}."
-            )
         if approximation == "block_tridiagonal" and damping_mode != "factored":
             raise ValueError(
                 "`approximation='block_tridiagonal'` needs `damping_mode='factored'` (the damped diagonal "

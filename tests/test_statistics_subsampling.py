@@ -248,8 +248,6 @@ def test_input_stats_batch_size_leaves_the_ekfac_scaling_on_every_example():
 def test_input_stats_batch_size_is_checked_and_configured():
     with pytest.raises(ValueError, match="input_stats_batch_size"):
         keras_kfac.KFAC(input_stats_batch_size=0)
-    with pytest.raises(ValueError, match="block_tridiagonal"):
-        keras_kfac.KFAC(input_stats_batch_size=32, approximation="block_tridiagonal")
     opt = keras_kfac.KFAC(input_stats_batch_size=32)
     assert opt.get_config()["input_stats_batch_size"] == 32
     assert keras_kfac.KFAC.from_config(opt.get_config()).block_options.input_stats_batch_size == 32

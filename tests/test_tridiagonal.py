@@ -106,6 +106,35 @@ def test_one_step_is_minus_lr_times_xi_lambda_xi_gradient(arch, inverse_dtype):
     assert ref.rel_err(-LR * diagonal, expected) > 1e-2
 
 
+def test_input_stats_batch_size_takes_a_and_the_cross_a_from_the_same_first_examples():
+    """With input_stats_batch_size=k the diagonal A blocks and the cross Ā_{i,i+1} are means over
+    the first k examples and every G over all m: the step is the dense Ξᵀ Λ Ξ solve built from them."""
+    x, y = _data()
+    spec, k = ARCHITECTURES["3-layer"], 5
+    model = _mlp(spec)
+    r = _reference(model, spec, x, y)
+    per_layer, m = r["per_layer"], x.shape[0]
+    factors = [(p["rows_a"][:k].T @ p["rows_a"][:k] / k, p["g"].T @ p["g"] / m) for p in per_layer]
+    cross = [
+        (p["rows_a"][:k].T @ q["rows_a"][:k] / k, p["g"].T @ q["g"] / m) for p, q in zip(per_layer[:-1], per_layer[1:])
+    ]
+    inverse, _ = ref.tridiagonal_inverse(factors, cross, DAMPING)
+    expected = -LR * (inverse @ r["gradient"])
+
+    opt = _kfac(input_stats_batch_size=k, stats_batch_size=None)
+    model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    model.train_on_batch(x, y)
+
+    for (cross_a, cross_g), (exp_a, exp_g) in zip(opt._state.tridiagonal.cross, cross):
+        assert ref.rel_err(cross_a.numpy(), exp_a) < TOL
+        assert ref.rel_err(cross_g.numpy(), exp_g) < TOL
+    for block, (exp_a, exp_g) in zip(opt.blocks, factors):
+        assert ref.rel_err(block.factor_a.numpy(), exp_a) < TOL
+        assert ref.rel_err(block.factor_g.numpy(), exp_g) < TOL
+    assert ref.rel_err(_step(model, r["layers"]), expected) < TOL
+    assert ref.rel_err(-LR * r["direction"], expected) > 1e-2  # the subsample changed the step
+
+
 @pytest.mark.parametrize("option", ["graft_sgd", "kl_clip", "xla"])
 def test_graft_kl_clip_and_xla_inversions_on_the_tridiagonal_direction(option):
     x, y = _data()
