@@ -37,6 +37,7 @@ import tensorflow as tf
 
 from keras_kfac import _private
 from keras_kfac.blocks.dense import DenseBlock
+from keras_kfac.blocks.kronecker import first_examples
 from keras_kfac.inversion import FactoredInversion, pi_factor
 
 Functional = _private.Functional
@@ -150,7 +151,8 @@ def cross_factors(
     `input_examples` k, Ā_{i,i+1} averages over the first k examples only, the rows the blocks'
     own A use under `input_stats_batch_size`; G_{i,i+1} always uses all of them."""
     if input_examples is not None:
-        inputs_first, inputs_second = inputs_first[:input_examples], inputs_second[:input_examples]
+        inputs_first = first_examples(inputs_first, input_examples, num_examples)
+        inputs_second = first_examples(inputs_second, input_examples, num_examples)
     rows_a1 = first.input_rows(tf.cast(inputs_first, tf.float32))
     rows_a2 = second.input_rows(tf.cast(inputs_second, tf.float32))
     n_rows = tf.cast(tf.shape(rows_a1)[0], tf.float32)

@@ -223,6 +223,37 @@ def test_input_stats_batch_size_takes_a_from_the_first_examples_and_g_from_all()
     assert ref.rel_err(opts["option"].factors()[conv.name][0].numpy(), rows.T @ rows / len(rows)) < 1e-6
 
 
+def _folded_model():
+    """A Dense layer that sees time folded into the batch axis: rows (example, time), example-major."""
+    inputs = keras.Input((4, 3))
+    h = keras.layers.Lambda(lambda t: keras.ops.reshape(t, (-1, 3)))(inputs)
+    h = keras.layers.Dense(5, activation="tanh", name="folded")(h)
+    h = keras.layers.Lambda(lambda t: keras.ops.reshape(t, (-1, 20)))(h)
+    return keras_kfac.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(h))
+
+
+def test_input_stats_batch_size_takes_whole_examples_where_time_is_folded_into_the_batch():
+    """A layer whose recorded input has 4 rows per example gets A from the 4·k rows of the first k
+    examples (as a model trained on those k alone), not from k rows."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 4, 3)).astype("float32")
+    y = rng.integers(0, 3, size=6)
+    option, first = _folded_model(), _folded_model()
+    first.set_weights(option.get_weights())
+    opts = [_kfac(stats_batch_size=None, stats_locations=None, input_stats_batch_size=2), _kfac(stats_batch_size=None)]
+    for model, opt in zip((option, first), opts):
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+    option.train_on_batch(x, y)
+    first.train_on_batch(x[:2], y[:2])
+    a = opts[0].factors()["folded"][0].numpy()
+    np.testing.assert_allclose(a, opts[1].factors()["folded"][0].numpy(), rtol=1e-5, atol=1e-7)
+    rows = ref.with_ones(x[:2].reshape(8, 3).astype(np.float64))
+    assert ref.rel_err(a, rows.T @ rows / 8) < 1e-6
+    # The head sees one row per example: A from the first 2 rows, as from the 2 examples alone.
+    head = opts[0].factors()["head"][0].numpy()
+    np.testing.assert_allclose(head, opts[1].factors()["head"][0].numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_input_stats_batch_size_leaves_the_ekfac_scaling_on_every_example():
     """damping_mode="ekfac" (eigenbases still the identity): A from the first 4 examples, G and
     S = mean_n (ā_n g_nᵀ)² from all 10 (NumPy, float64)."""

@@ -25,6 +25,15 @@ from keras_kfac.factors import factor_for
 from keras_kfac.inversion import INVERSIONS
 
 
+def first_examples(recorded: tf.Tensor, k: int, num_examples) -> tf.Tensor:
+    """The rows of `recorded` that belong to the first k of the `num_examples` examples: its first
+    k·r rows, r = rows / num_examples (r = 1 unless a layer folds time into the batch axis, example
+    by example)."""
+    rows = tf.shape(recorded)[0]
+    examples = tf.cast(num_examples, rows.dtype)
+    return recorded[: rows * tf.minimum(tf.constant(k, rows.dtype), examples) // tf.maximum(examples, 1)]
+
+
 class KroneckerBlock(CurvatureBlock):
     """Subclasses give `preactivation(inputs)` and `input_rows(inputs, locations, seed)`."""
 
@@ -137,7 +146,7 @@ class KroneckerBlock(CurvatureBlock):
         `input_stats_batch_size` k, over the rows of the first k examples only (G: all of them)."""
         locations = self.options.stats_locations
         first = self.options.input_stats_batch_size
-        inputs_a = inputs if first is None else [x[:first] for x in inputs]
+        inputs_a = inputs if first is None else [first_examples(x, first, num_examples) for x in inputs]
         calls_a = []
         for call, x in enumerate(inputs_a):
             call_seed = None if seed is None else tf.random.experimental.stateless_fold_in(seed, call)
