@@ -170,8 +170,8 @@ class KFAC(keras.optimizers.Optimizer):
         stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
             output locations per example (None: all of them); G always uses all.
         input_stats_batch_size: Kronecker blocks (Dense, EinsumDense, convolutions) compute A from
-            the first k examples of the statistics sample only (the first k along the recorded
-            inputs' first axis), while G uses all of it (None: A from all of it too).  A's Gram
+            the first k examples of the statistics sample only (their rows, where a layer folds
+            time into the batch axis), while G uses all of it (None: A from all of it too).  A's Gram
             matrices are most of a statistics step's arithmetic; the sampled-target pass that G
             needs is the same either way.  Other blocks ignore it; under
             approximation="block_tridiagonal" the cross factors Ā_{i,i+1} use the same k examples.
