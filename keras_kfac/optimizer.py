@@ -233,7 +233,7 @@ class KFAC(keras.optimizers.Optimizer):
         stats_batch_size=128,
         curvature_batch_size=None,
         stats_locations=16,
-        input_stats_batch_size=None,
+        input_stats_batch_size=32,
         fallback=None,
         inverse_jit="auto",
         inverse_dtype="float32",

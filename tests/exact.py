@@ -18,6 +18,7 @@ def exact_kfac(**overrides) -> keras_kfac.KFAC:
         stats_every=1,
         stats_batch_size=None,
         stats_locations=None,
+        input_stats_batch_size=None,
         polynomial_averaging=None,
     )
     return keras_kfac.KFAC(**{**settings, **overrides})

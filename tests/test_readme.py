@@ -116,3 +116,27 @@ def test_measured_xla_figures_live_in_benchmarks_only():
     assert f"### {section}\n" in benchmarks
     for figure in ("**3.3x** slower under XLA", "**41x** slower"):
         assert benchmarks.count(figure) == 1, figure
+
+
+def test_the_kfac_signature_shown_is_the_code_s():
+    """README's `KFAC(...)` line gives every argument with the default the constructor has (those
+    every Keras optimizer takes are its `**keras_optimizer_kwargs`)."""
+    import ast
+    import inspect
+
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    import keras_kfac
+
+    shown = re.search(r"^`KFAC\((learning_rate=.*?), \*\*keras_optimizer_kwargs\)`", README, re.M | re.S)
+    assert shown, "README no longer shows the KFAC signature"
+    call = ast.parse(f"f({' '.join(shown.group(1).split())})", mode="eval").body
+    readme_defaults = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+    parameters = inspect.signature(keras_kfac.KFAC.__init__).parameters.values()
+    keras_arguments = inspect.signature(BaseOptimizer.__init__).parameters
+    code_defaults = {
+        p.name: p.default
+        for p in parameters
+        if p.default is not inspect.Parameter.empty and (p.name == "learning_rate" or p.name not in keras_arguments)
+    }
+    assert readme_defaults == code_defaults
