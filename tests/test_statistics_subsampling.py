@@ -23,7 +23,15 @@ def _mlp(batch_norm=False):
 
 
 def _kfac(**kwargs):
-    base = dict(learning_rate=0.1, momentum=0.0, stats_decay=0.0, stats_every=1, inverse_every=1, graft=None)
+    base = dict(
+        learning_rate=0.1,
+        momentum=0.0,
+        stats_decay=0.0,
+        stats_every=1,
+        inverse_every=1,
+        graft=None,
+        input_stats_batch_size=None,  # A from every example of the sample unless a test says otherwise
+    )
     return keras_kfac.KFAC(**{**base, **kwargs})
 
 
@@ -240,7 +248,7 @@ def test_input_stats_batch_size_takes_whole_examples_where_time_is_folded_into_t
     y = rng.integers(0, 3, size=6)
     option, first = _folded_model(), _folded_model()
     first.set_weights(option.get_weights())
-    opts = [_kfac(stats_batch_size=None, stats_locations=None, input_stats_batch_size=2), _kfac(stats_batch_size=None)]
+    opts = [_kfac(stats_batch_size=None, input_stats_batch_size=2), _kfac(stats_batch_size=None)]
     for model, opt in zip((option, first), opts):
         model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
     option.train_on_batch(x, y)
