@@ -150,6 +150,11 @@ def configurations() -> dict:
         "kfac (former defaults)": lambda: keras_kfac.KFAC(
             learning_rate=LEARNING_RATE, stats_batch_size=32, stats_locations=None, polynomial_averaging=None
         ),
+        # The defaults from 2026-12-05 morning until that night: A from all 128 statistics
+        # examples (now from the first 32).
+        "kfac (A from all 128 examples)": lambda: keras_kfac.KFAC(
+            learning_rate=LEARNING_RATE, input_stats_batch_size=None
+        ),
         # Layers over sequences (the ViT's): KFAC-reduce instead of the default KFAC-expand.
         "kfac (KFAC-reduce)": lambda: keras_kfac.KFAC(learning_rate=LEARNING_RATE, weight_sharing="reduce"),
         # Automatic α, μ and Levenberg-Marquardt damping: two forward-mode passes per choice of
