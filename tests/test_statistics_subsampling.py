@@ -23,15 +23,8 @@ def _mlp(batch_norm=False):
 
 
 def _kfac(**kwargs):
-    base = dict(
-        learning_rate=0.1,
-        momentum=0.0,
-        stats_decay=0.0,
-        stats_every=1,
-        inverse_every=1,
-        graft=None,
-        input_stats_batch_size=None,  # A from every example of the sample unless a test says otherwise
-    )
+    base = dict(learning_rate=0.1, momentum=0.0, stats_decay=0.0, stats_every=1, inverse_every=1, graft=None)
+    base["input_stats_batch_size"] = None  # A from every example of the sample unless a test says otherwise
     return keras_kfac.KFAC(**{**base, **kwargs})
 
 
