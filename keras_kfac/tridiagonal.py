@@ -144,15 +144,16 @@ def cross_gram(rows_x: tf.Tensor, ones_x: bool, rows_y: tf.Tensor, ones_y: bool)
 
 
 def cross_factors(
-    first, second, inputs_first, inputs_second, grads_first, grads_second, num_examples, input_examples=None
+    first, second, inputs_first, inputs_second, grads_first, grads_second, num_examples
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Batch estimates (Ā_{i,i+1}, G_{i,i+1}) of two consecutive Dense blocks, each called once:
-    Ā_{i,i+1} = mean over rows of ā_{i−1} ā_iᵀ, G_{i,i+1} = (1/m) Σ_rows g_i g_{i+1}ᵀ.  With
-    `input_examples` k, Ā_{i,i+1} averages over the first k examples only, the rows the blocks'
-    own A use under `input_stats_batch_size`; G_{i,i+1} always uses all of them."""
-    if input_examples is not None:
-        inputs_first = first_examples(inputs_first, input_examples, num_examples)
-        inputs_second = first_examples(inputs_second, input_examples, num_examples)
+    Ā_{i,i+1} = mean over rows of ā_{i−1} ā_iᵀ, G_{i,i+1} = (1/m) Σ_rows g_i g_{i+1}ᵀ.  Under the
+    blocks' `input_stats_batch_size` k, Ā_{i,i+1} averages over the first k examples only, the
+    rows their own A use; G_{i,i+1} always uses all of them."""
+    subset = first.options.input_stats_batch_size
+    if subset is not None:
+        inputs_first = first_examples(inputs_first, subset, num_examples)
+        inputs_second = first_examples(inputs_second, subset, num_examples)
     rows_a1 = first.input_rows(tf.cast(inputs_first, tf.float32))
     rows_a2 = second.input_rows(tf.cast(inputs_second, tf.float32))
     n_rows = tf.cast(tf.shape(rows_a1)[0], tf.float32)
@@ -273,10 +274,9 @@ class TridiagonalState:
             if len(inputs[i]) != 1 or len(inputs[j]) != 1:
                 batch.append(None)
                 continue
-            first, second = blocks[i], blocks[j]
-            subset = first.options.input_stats_batch_size
-            grads = preact_grads[i][0], preact_grads[j][0]
-            new = cross_factors(first, second, inputs[i][0], inputs[j][0], *grads, num_examples, subset)
+            new = cross_factors(
+                blocks[i], blocks[j], inputs[i][0], inputs[j][0], preact_grads[i][0], preact_grads[j][0], num_examples
+            )
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(new[0])))
             ok = tf.logical_and(ok, tf.reduce_all(tf.math.is_finite(new[1])))
             batch.append(new)

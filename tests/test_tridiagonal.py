@@ -45,9 +45,11 @@ def _data(m=16):
     return rng.normal(size=(m, 5)).astype("float32"), rng.integers(0, 3, size=m)
 
 
-def _reference(model, spec, x, y):
-    """float64 weights, per-layer statistics, cross factors and F̂⁻¹∇ (dense Ξᵀ Λ Ξ)."""
+def _reference(model, spec, x, y, a_examples=None):
+    """float64 weights, per-layer statistics, cross factors and F̂⁻¹∇ (dense Ξᵀ Λ Ξ); with
+    `a_examples` k, every A and Ā_{i,i+1} from the first k examples (G from all m)."""
     m = x.shape[0]
+    k = a_examples or m
     layers = [
         (
             layer.kernel.numpy().astype(np.float64),
@@ -57,8 +59,9 @@ def _reference(model, spec, x, y):
         for layer, (_, act, _) in zip(model.layers, spec)
     ]
     per_layer = ref.mlp_gradients(x.astype(np.float64), y, layers)
-    factors = [(p["rows_a"].T @ p["rows_a"] / m, p["g"].T @ p["g"] / m) for p in per_layer]
-    cross = [(p["rows_a"].T @ q["rows_a"] / m, p["g"].T @ q["g"] / m) for p, q in zip(per_layer[:-1], per_layer[1:])]
+    factors = [(p["rows_a"][:k].T @ p["rows_a"][:k] / k, p["g"].T @ p["g"] / m) for p in per_layer]
+    pairs = zip(per_layer[:-1], per_layer[1:])
+    cross = [(p["rows_a"][:k].T @ q["rows_a"][:k] / k, p["g"].T @ q["g"] / m) for p, q in pairs]
     inverse, starts = ref.tridiagonal_inverse(factors, cross, DAMPING)
     gradient = np.concatenate([p["grad"].reshape(-1) for p in per_layer])
     return dict(layers=layers, per_layer=per_layer, factors=factors, cross=cross, starts=starts,
@@ -113,13 +116,8 @@ def test_input_stats_batch_size_takes_a_and_the_cross_a_from_the_same_first_exam
     spec, k = ARCHITECTURES["3-layer"], 5
     model = _mlp(spec)
     r = _reference(model, spec, x, y)
-    per_layer, m = r["per_layer"], x.shape[0]
-    factors = [(p["rows_a"][:k].T @ p["rows_a"][:k] / k, p["g"].T @ p["g"] / m) for p in per_layer]
-    cross = [
-        (p["rows_a"][:k].T @ q["rows_a"][:k] / k, p["g"].T @ q["g"] / m) for p, q in zip(per_layer[:-1], per_layer[1:])
-    ]
-    inverse, _ = ref.tridiagonal_inverse(factors, cross, DAMPING)
-    expected = -LR * (inverse @ r["gradient"])
+    subset = _reference(model, spec, x, y, a_examples=k)
+    factors, cross, expected = subset["factors"], subset["cross"], -LR * subset["direction"]
 
     opt = _kfac(input_stats_batch_size=k, stats_batch_size=None)
     model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
