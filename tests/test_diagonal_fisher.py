@@ -108,6 +108,51 @@ def test_sampled_estimate_has_the_per_example_fisher_as_its_mean():
     assert max(ref.rel_err(estimate[0, i].numpy(), exact[i]) for i in range(2)) > 0.2
 
 
+def test_an_embedding_registered_to_the_diagonal_block_gets_its_statistics_and_step():
+    """README's recipe for a position table, `register_block(Embedding, DiagonalFisherBlock)`:
+    the lookup's gradient (an `IndexedSlices`, ids repeated within and across examples) is summed
+    into the dense table before squaring, F = (Σ_n ∇_n)² / m, and the step is −lr ∇ / (F + λ);
+    ids no example uses keep F = 0 and do not move."""
+    rng = np.random.default_rng(2)
+    x = rng.integers(0, 5, size=(16, 4)).astype("int32")  # ids 0..4 of a 7-row table: rows 5, 6 unused
+    y = rng.integers(0, 3, size=16)
+    keras.utils.set_random_seed(7)
+    model = keras_kfac.Sequential(
+        [
+            keras.Input((4,), dtype="int32"),
+            keras.layers.Embedding(7, 3, embeddings_initializer="random_normal"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
+    table = model.layers[0].embeddings
+    start = table.numpy().astype(np.float64)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    total = np.zeros((7, 3))
+    for n in range(len(x)):
+        with tf.GradientTape() as tape:
+            value = loss(y[n : n + 1], model(x[n : n + 1]))
+        total += tf.convert_to_tensor(tape.gradient(value, table)).numpy().astype(np.float64)
+    expected_fisher = total**2 / len(x)
+    expected_step = -0.1 * (total / len(x)) / (expected_fisher + 1e-2)
+
+    registered = keras_kfac.registered_blocks()[keras.layers.Embedding]
+    keras_kfac.register_block(keras.layers.Embedding, DiagonalFisherBlock)
+    try:
+        opt = exact_kfac(learning_rate=0.1, damping=1e-2)
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        model.train_on_batch(x, y)
+    finally:
+        keras_kfac.register_block(keras.layers.Embedding, registered)
+    block = next(b for b in opt.blocks if b.layer is model.layers[0])
+    assert isinstance(block, DiagonalFisherBlock)
+    assert ref.rel_err(block.statistics_variables[0].numpy(), expected_fisher) < 1e-4
+    moved = table.numpy() - start
+    assert ref.rel_err(moved, expected_step) < 1e-3
+    assert np.all(moved[5:] == 0.0) and np.all(np.abs(moved[:5]) > 0)
+    assert keras_kfac.registered_blocks()[keras.layers.Embedding] is registered
+
+
 def test_a_layer_returning_a_structure_is_refused_with_a_clear_error():
     class Pair(keras.layers.Layer):
         def build(self, input_shape):
