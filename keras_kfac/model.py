@@ -42,10 +42,15 @@ def _float32_grads(grads, targets, scale=None) -> list:
     return out
 
 
+def _examples(part: slice, x, y, sample_weight) -> tuple:
+    """(x, y, sample_weight) of the batch's examples in `part` (None stays None)."""
+    take = lambda t: None if t is None else t[part]  # noqa: E731
+    return tuple(None if t is None else keras.tree.map_structure(take, t) for t in (x, y, sample_weight))
+
+
 def _first_examples(k: int, x, y, sample_weight) -> tuple:
     """(x, y, sample_weight) of the batch's first k examples (None stays None)."""
-    first = lambda t: None if t is None else t[:k]  # noqa: E731
-    return tuple(None if t is None else keras.tree.map_structure(first, t) for t in (x, y, sample_weight))
+    return _examples(slice(None, k), x, y, sample_weight)
 
 
 def _kfac_optimizer(optimizer):
@@ -348,6 +353,19 @@ class KFACTrainStep:
                 targets=y_k,
                 sample_weight=w_k,
             )
+        halves = None
+        if _kfac_optimizer(self.optimizer).quadratic_gradient == "halves":
+            middle = tf.shape(keras.tree.flatten(x)[0])[0] // 2
+
+            def half_loss(part):
+                def loss_of_half():
+                    self._kfac_restore(before)
+                    x_h, y_h, w_h = _examples(part, x, y, sample_weight)
+                    return _private.compute_loss(self, x_h, y_h, self._kfac_call(x_h), w_h)
+
+                return loss_of_half
+
+            halves = (half_loss(slice(None, middle)), half_loss(slice(middle, None)))
         return BatchQuadratic(
             forward_of(x),
             loss_fn,
@@ -357,6 +375,7 @@ class KFACTrainStep:
             targets=y,
             sample_weight=sample_weight,
             curvature=curvature,
+            halves=halves,
         )
 
     def _kfac_rollback(self, applied, snapshot) -> None:

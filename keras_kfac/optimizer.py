@@ -45,6 +45,7 @@ FISHER_TYPES = ("sampled", "empirical")
 GRAFT_TYPES = tuple(graft.GRAFTS)
 DEFAULT_MAX_FACTOR_SIZE = 4096
 MOMENTUM_FORMS = ("average", "heavy_ball")
+QUADRATIC_GRADIENTS = ("batch", "halves")
 DEFAULT_DAMPING = 1e-4  # λ of a fixed damping given as None (the seed-task study, BENCHMARKS.md)
 # η of polynomial_averaging="auto" (BENCHMARKS.md, "Timed: 128-example statistics, ...")
 DEFAULT_POLYNOMIAL_AVERAGING = 8.0
@@ -167,6 +168,14 @@ class KFAC(keras.optimizers.Optimizer):
             Fisher products of the quadratic model (two forward-mode passes whenever α, μ are
             chosen) use only the first k examples of each batch (None: the whole batch); its
             gradient and the losses of ρ stay the whole batch's.
+        quadratic_gradient: with learning_rate=None, the gradient term ∇ᵀΔ of the quadratic model
+            that chooses α (and μ): "batch" (the batch gradient g = ḡ + ξ, as ρ's model uses it;
+            −gᵀPg carries the batch's noise as ξᵀPξ > 0) or "halves" (−Σ s·g₁ᵀK⁻¹g₂ over the
+            blocks, g₁, g₂ the gradients of the batch's two halves, K⁻¹ the block's damped
+            inverse, s the graft's scale: its mean is −ḡᵀPḡ; costs a forward and a backward
+            pass of the batch on the steps that choose α).  "halves" chose far shorter steps
+            and trained far more slowly on the seed task (BENCHMARKS.md, "The untuned mode: α
+            from the two halves of the batch").
         stats_locations: convolutions: A averages ā āᵀ over at most this many randomly chosen
             output locations per example (None: all of them); G always uses all.
         input_stats_batch_size: Kronecker blocks (Dense, EinsumDense, convolutions) compute A from
@@ -232,6 +241,7 @@ class KFAC(keras.optimizers.Optimizer):
         graft="auto",
         stats_batch_size=128,
         curvature_batch_size=None,
+        quadratic_gradient="batch",
         stats_locations=16,
         input_stats_batch_size=32,
         fallback=None,
@@ -300,6 +310,7 @@ class KFAC(keras.optimizers.Optimizer):
             args.check_number("stats_batch_size", stats_batch_size, low=1, integer=True)
         if curvature_batch_size is not None:
             args.check_number("curvature_batch_size", curvature_batch_size, low=1, integer=True)
+        args.check_choice("quadratic_gradient", quadratic_gradient, QUADRATIC_GRADIENTS)
         if stats_locations is not None:
             args.check_number("stats_locations", stats_locations, low=1, integer=True)
         if input_stats_batch_size is not None:
@@ -363,6 +374,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.graft_auto = graft_auto
         self.stats_batch_size = stats_batch_size
         self.curvature_batch_size = curvature_batch_size
+        self.quadratic_gradient = quadratic_gradient
         self.stats_locations = stats_locations
         self.input_stats_batch_size = input_stats_batch_size
         self.fallback = fallback
@@ -1110,6 +1122,12 @@ class KFAC(keras.optimizers.Optimizer):
         gram = tf.cond(choose, lambda: batch.gram(tangents) + lam * plain, lambda: tf.zeros((n, n), tf.float32))
         # With the fallback's fixed step, M(α, μ) has the linear term b + C[:2, 2].
         linear = b[:2] + (gram[:2, 2] if fallback else 0.0)
+        if self.quadratic_gradient == "halves" and self.auto_learning_rate:
+            halves = tf.cond(choose, lambda: self._halves_gradient_term(batch, raw, by_key), lambda: b[0])
+            # A batch of one example has no two halves: the batch's term.
+            usable = tf.logical_and(tf.math.is_finite(halves), batch.num_examples >= 2.0)
+            halves = tf.where(usable, halves, b[0])
+            linear = tf.stack([linear[0] - b[0] + halves, linear[1]])
         alpha, mu = quadratic.solve_step(
             gram[:2, :2],
             linear,
@@ -1135,6 +1153,36 @@ class KFAC(keras.optimizers.Optimizer):
         coefficients = [alpha, mu] + ([tf.constant(1.0)] if fallback else [])
         step["model_change"] = quadratic.quadratic_value(tf.stack(coefficients), gram, b, lam)
         return directions, alpha if self.auto_learning_rate else self.learning_rate
+
+    def _halves_gradient_term(self, batch, raw: dict, directions: dict) -> tf.Tensor:
+        """−Σ_blocks s g₁ᵀK⁻¹g₂ (see `quadratic_gradient`): the batch's ∇ᵀΔ without its noise.
+
+        g₁, g₂ are the gradients of the two halves of the batch, K⁻¹ a block's damped inverse and
+        s = ‖U‖ / ‖K⁻¹g‖ the scale the graft gave the block's direction U (1 without a graft)."""
+        first, second = batch.half_gradients()
+        keys = [self._var_key(v) for v in batch.variables]
+        by_key = lambda grads: {k: g for k, g in zip(keys, grads) if g is not None}  # noqa: E731
+        full = {k: g for k, g in raw.items() if g is not None}
+        present = [b for b in self.blocks if all(self._var_key(v) in directions for v in b.variables)]
+        unscaled = self._directions_phase(full)
+        first_dirs = self._directions_phase(by_key(first))
+        second_by_key = by_key(second)
+        total = tf.constant(0.0)
+        for block in present:
+            if block not in unscaled or block not in first_dirs:
+                continue
+            keys_b = [self._var_key(v) for v in block.variables]
+            grafted = tf.add_n([tf.reduce_sum(tf.square(directions[k])) for k in keys_b])
+            plain = tf.add_n([tf.reduce_sum(tf.square(tf.cast(u, tf.float32))) for u in unscaled[block]])
+            scale = tf.sqrt(grafted / tf.maximum(plain, 1e-30))
+            cross = tf.add_n(
+                [
+                    tf.reduce_sum(tf.cast(u, tf.float32) * tf.cast(second_by_key[k], tf.float32))
+                    for k, u in zip(keys_b, first_dirs[block])
+                ]
+            )
+            total += scale * cross
+        return -total
 
     def _adapt_damping_phase(self) -> None:
         """Levenberg–Marquardt: on damping steps, λ from ρ = (h(θ+δ) − h(θ)) / M(δ)."""
@@ -1224,6 +1272,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "graft": "auto" if self.graft_auto else self.graft,  # resolves alike from the rest
                 "stats_batch_size": self.stats_batch_size,
                 "curvature_batch_size": self.curvature_batch_size,
+                "quadratic_gradient": self.quadratic_gradient,
                 "stats_locations": self.stats_locations,
                 "input_stats_batch_size": self.input_stats_batch_size,
                 "fallback": fallback,

@@ -30,7 +30,8 @@ class BatchQuadratic:
     flat output, or anything `keras_kfac.losses.per_output` takes; None: no labels, weights 1).
     `curvature`: another `BatchQuadratic` (e.g. of the batch's first examples) whose Fisher
     products `gram` returns instead: F is then estimated on those examples alone, while the
-    losses stay this batch's.
+    losses stay this batch's.  `halves`: two callables returning the loss of the batch's first
+    and second half, for `half_gradients`.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class BatchQuadratic:
         targets=None,
         sample_weight=None,
         curvature=None,
+        halves=None,
     ):
         self.forward = forward
         self.loss_fn = loss_fn
@@ -52,6 +54,7 @@ class BatchQuadratic:
         self.targets = per_output(targets, len(self.specs))
         self.sample_weights = per_output(sample_weight, len(self.specs))
         self.curvature = curvature
+        self.halves = halves
 
     def jvps(self, tangents: list) -> tuple[list, list]:
         """(outputs, [J·t for t in tangents]): one forward pass with a forward-mode accumulator per
@@ -85,6 +88,16 @@ class BatchQuadratic:
 
     def loss(self) -> tf.Tensor:
         return tf.cast(self.loss_fn(), tf.float32)
+
+    def half_gradients(self) -> list:
+        """[g₁, g₂]: the gradients (float32, one per variable) of the two halves' losses."""
+        out = []
+        for half_loss in self.halves:
+            with tf.GradientTape() as tape:
+                loss = tf.cast(half_loss(), tf.float32)
+            grads = tape.gradient(loss, [_raw(v) for v in self.variables], unconnected_gradients="zero")
+            out.append([tf.cast(g, tf.float32) for g in grads])
+        return out
 
 
 def quadratic_value(coefficients, gram, gradient_dots, damping) -> tf.Tensor:

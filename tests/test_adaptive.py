@@ -202,12 +202,13 @@ def test_solve_step_is_the_two_by_two_solution():
     assert (alpha.numpy(), mu.numpy()) == (0.0, 0.0)
 
 
-@pytest.mark.parametrize("curvature_batch_size", [None, 6])
-def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_batch_size):
+@pytest.mark.parametrize("curvature_batch_size, quadratic_gradient", [(None, "batch"), (6, "batch"), (None, "halves")])
+def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_batch_size, quadratic_gradient):
     """Second step: δ = αΔ + μδ₀ with Δ = −(A ⊗ G + λI)⁻¹∇ from the optimizer's factors and a float64
     gradient, and (α, μ) the 2×2 solution for the dense float64 F + λI and ∇.  With
     `curvature_batch_size=6`, F is the Fisher of the batch's first 6 examples, ∇ still the whole
-    batch's gradient."""
+    batch's gradient.  With `quadratic_gradient="halves"` the system's first gradient term is
+    −∇₂ᵀ(A ⊗ G + λI)⁻¹∇₁, ∇₁ and ∇₂ the gradients of the batch's first and last 4 examples."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 4)).astype("float32")
     y = rng.integers(0, 3, size=8)
@@ -222,33 +223,44 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_
         damping_mode="eigen",
         graft=None,
         curvature_batch_size=curvature_batch_size,
+        quadratic_gradient=quadratic_gradient,
         polynomial_averaging=None,  # the weights after the step, not their average
     )
     shapes, theta0, theta1, theta2, alpha, mu = _two_steps(model, opt, x, y)
-    assert alpha > 0 and mu != 0
+    assert alpha != 0 and mu != 0
     prev, delta = theta1 - theta0, theta2 - theta1
     x64 = x.astype(np.float64)
     grad = _gradient(theta1, shapes, x64, y, "softmax")
     # Δ independently: each layer's [kernel; bias] gradient matrix through the damped Kronecker solve
     # with the factors the second step used (statistics and inverses every step).
-    w1, b1, w2, b2 = _unflatten(grad, shapes)
-    kron = []
-    for layer, (kernel, bias) in zip(model.layers, [(w1, b1), (w2, b2)]):
-        a, g = (f.numpy().astype(np.float64) for f in opt.factors()[layer.name])
-        u = ref.kron_solve(a, g, np.concatenate([kernel, bias[None]]), lam, "eigen")
-        kron += [u[:-1], u[-1]]
-    direction = -np.concatenate([u.ravel() for u in kron])
-    np.testing.assert_allclose(delta, alpha * direction + mu * prev, rtol=2e-3, atol=1e-6 * np.abs(delta).max())
 
-    def solution(examples):
+    def solve(gradient):
+        w1, b1, w2, b2 = _unflatten(gradient, shapes)
+        kron = []
+        for layer, (kernel, bias) in zip(model.layers, [(w1, b1), (w2, b2)]):
+            a, g = (f.numpy().astype(np.float64) for f in opt.factors()[layer.name])
+            u = ref.kron_solve(a, g, np.concatenate([kernel, bias[None]]), lam, "eigen")
+            kron += [u[:-1], u[-1]]
+        return np.concatenate([u.ravel() for u in kron])
+
+    direction = -solve(grad)
+    np.testing.assert_allclose(delta, alpha * direction + mu * prev, rtol=2e-3, atol=1e-6 * np.abs(delta).max())
+    first, second = (_gradient(theta1, shapes, x64[part], y[part], "softmax") for part in (slice(4), slice(4, 8)))
+    halves_term = -second @ solve(first)
+
+    def solution(examples, gradient_term):
         c = _dense_fisher(theta1, shapes, examples, "softmax") + lam * np.eye(theta1.size)
         system = np.array([[direction @ c @ direction, direction @ c @ prev], [prev @ c @ direction, prev @ c @ prev]])
-        return ref.step_coefficients(system, [grad @ direction, grad @ prev])
+        return ref.step_coefficients(system, [gradient_term, grad @ prev])
 
-    chosen = solution(x64 if curvature_batch_size is None else x64[:curvature_batch_size])
+    term = grad @ direction if quadratic_gradient == "batch" else halves_term
+    chosen = solution(x64 if curvature_batch_size is None else x64[:curvature_batch_size], term)
     np.testing.assert_allclose(chosen, [alpha, mu], rtol=2e-2, atol=1e-4)
     if curvature_batch_size is not None:  # and not what the whole batch's F gives
-        assert np.max(np.abs(solution(x64) - chosen) / np.abs(chosen)) > 0.1
+        assert np.max(np.abs(solution(x64, term) - chosen) / np.abs(chosen)) > 0.1
+    if quadratic_gradient == "halves":  # and not what the batch gradient gives
+        assert halves_term > grad @ direction  # the batch's own noise is gone from it
+        assert np.max(np.abs(solution(x64, grad @ direction) - chosen) / np.abs(chosen)) > 0.1
 
 
 def test_lm_rule_closed_form():
@@ -348,3 +360,24 @@ def test_reused_step_size_and_momentum_are_clipped_to_a_bounded_heavy_ball(chose
     """Between two choices α ≥ 0 and 0 ≤ μ ≤ 0.99 are repeated: a μ = 10 chosen once and
     repeated over adapt_every steps would multiply the velocity by 10 on each of them."""
     np.testing.assert_allclose([float(v) for v in quadratic.reusable_step(*chosen)], reused, rtol=1e-7)
+
+
+def test_halves_on_a_batch_of_one_example_take_the_batch_term():
+    """One example has no two halves: `quadratic_gradient="halves"` then takes the same steps as
+    "batch" (same weights after three steps of one example each), and on larger batches not."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    y = rng.integers(0, 3, size=6)
+
+    def weights_after(quadratic_gradient, batch_size):
+        model = _model("softmax")
+        opt = keras_kfac.KFAC(
+            learning_rate=None, momentum=None, damping=0.05, stats_every=1, inverse_every=1,
+            quadratic_gradient=quadratic_gradient, polynomial_averaging=None,
+        )  # fmt: skip
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        model.fit(x[: 3 * batch_size], y[: 3 * batch_size], batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+        return np.concatenate([p.ravel() for p in _params(model)])
+
+    np.testing.assert_array_equal(weights_after("halves", 1), weights_after("batch", 1))
+    assert np.max(np.abs(weights_after("halves", 2) - weights_after("batch", 2))) > 1e-4
