@@ -202,16 +202,22 @@ def test_solve_step_is_the_two_by_two_solution():
     assert (alpha.numpy(), mu.numpy()) == (0.0, 0.0)
 
 
-@pytest.mark.parametrize("curvature_batch_size, quadratic_gradient", [(None, "batch"), (6, "batch"), (None, "halves")])
-def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_batch_size, quadratic_gradient):
+@pytest.mark.parametrize(
+    "curvature_batch_size, quadratic_gradient, graft",
+    [(None, "batch", None), (6, "batch", None), (None, "halves", None), (None, "halves", "sgd")],
+)
+def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_batch_size, quadratic_gradient, graft):
     """Second step: δ = αΔ + μδ₀ with Δ = −(A ⊗ G + λI)⁻¹∇ from the optimizer's factors and a float64
     gradient, and (α, μ) the 2×2 solution for the dense float64 F + λI and ∇.  With
     `curvature_batch_size=6`, F is the Fisher of the batch's first 6 examples, ∇ still the whole
     batch's gradient.  With `quadratic_gradient="halves"` the system's first gradient term is
-    −∇₂ᵀ(A ⊗ G + λI)⁻¹∇₁, ∇₁ and ∇₂ the gradients of the batch's first and last 4 examples."""
+    −∇₂ᵀ(A ⊗ G + λI)⁻¹∇₁, ∇₁ and ∇₂ the gradients of the batch's first and last 4 examples; with
+    `graft="sgd"` each layer's Δ and term are scaled by ‖∇‖ / ‖(A ⊗ G + λI)⁻¹∇‖ of that layer."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(8, 4)).astype("float32")
     y = rng.integers(0, 3, size=8)
+    if quadratic_gradient == "halves":  # labels the two halves agree on, so that their term is a descent
+        y = np.argmax(x[:, :3], axis=1)
     model = _model("softmax")
     lam = 0.05
     opt = keras_kfac.KFAC(
@@ -221,7 +227,7 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_
         stats_every=1,
         inverse_every=1,
         damping_mode="eigen",
-        graft=None,
+        graft=graft,
         curvature_batch_size=curvature_batch_size,
         quadratic_gradient=quadratic_gradient,
         polynomial_averaging=None,  # the weights after the step, not their average
@@ -235,18 +241,22 @@ def test_chosen_alpha_and_momentum_minimize_the_dense_quadratic_model(curvature_
     # with the factors the second step used (statistics and inverses every step).
 
     def solve(gradient):
+        """Per layer, its slice of the flat weights and (A ⊗ G + λI)⁻¹ of that slice of `gradient`."""
         w1, b1, w2, b2 = _unflatten(gradient, shapes)
-        kron = []
+        out, start = [], 0
         for layer, (kernel, bias) in zip(model.layers, [(w1, b1), (w2, b2)]):
             a, g = (f.numpy().astype(np.float64) for f in opt.factors()[layer.name])
             u = ref.kron_solve(a, g, np.concatenate([kernel, bias[None]]), lam, "eigen")
-            kron += [u[:-1], u[-1]]
-        return np.concatenate([u.ravel() for u in kron])
+            part = slice(start, start + u.size)
+            out.append((part, np.concatenate([u[:-1].ravel(), u[-1].ravel()])))
+            start += u.size
+        return out
 
-    direction = -solve(grad)
+    scale = {p.start: 1.0 if graft is None else np.linalg.norm(grad[p]) / np.linalg.norm(u) for p, u in solve(grad)}
+    direction = -np.concatenate([scale[p.start] * u for p, u in solve(grad)])
     np.testing.assert_allclose(delta, alpha * direction + mu * prev, rtol=2e-3, atol=1e-6 * np.abs(delta).max())
     first, second = (_gradient(theta1, shapes, x64[part], y[part], "softmax") for part in (slice(4), slice(4, 8)))
-    halves_term = -second @ solve(first)
+    halves_term = -sum(scale[p.start] * second[p] @ u for p, u in solve(first))
 
     def solution(examples, gradient_term):
         c = _dense_fisher(theta1, shapes, examples, "softmax") + lam * np.eye(theta1.size)
